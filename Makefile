@@ -1,0 +1,34 @@
+# seismo: the two commands of the README.
+#   make demo   set up from nothing and run the qk-layernorm instability study, ending in figures
+#   make test   set up from nothing and run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "seismo needs $(PYTHON) (Python 3.11+); set PYTHON=..."; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+lint: install
+	$(BIN)/ruff check src tests
+
+demo: install
+	$(BIN)/seismo sweep configs/studies/qk_layernorm.yaml --out runs/qk_layernorm
+	$(BIN)/seismo report runs/qk_layernorm
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,560 @@
+"""Typed, frozen configuration: YAML files plus dotted overrides, validated before anything compiles.
+
+A config is a tree of frozen dataclasses (`Config` with sections `model`, `loss`, `data`,
+`optimizer`, `run`, `mesh`). It is built from
+
+* a YAML file (safe-loaded). A file may start from others with `base: [path, ...]`
+  (paths relative to the file); later files and keys win, mappings merge key by key.
+* presets: a section given as a string names a file in `configs/<section>s/`
+  (`model: tiny` reads `configs/models/tiny.yaml`), and a mapping may carry
+  `preset: tiny` plus keys that change it.
+* overrides `a.b=c` (values parsed as YAML scalars: `1e-3`, `true`, `[1, 2]`).
+
+Unknown keys fail naming the full key path and the nearest valid name; wrong types name
+the key, the expected type and the value; inconsistent combinations fail with a sentence
+that says what to change. All of it happens in `load`/`from_dict`, before any JAX work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from seismo.registry import nearest
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. The message says what, where and what to do."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer. Defaults follow Wortsman et al. 2023 (RESEARCH.md 1.1)
+    except `qk_norm`, which presets turn on explicitly."""
+
+    vocab_size: int = 256  # bytes by default (the byte tokenizer uses id 0 as EOS)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int | None = None  # None: 4 * d_model
+    max_seq_len: int = 128  # learned positions, sigmoid-attention bias, clipped softmax
+    positions: Literal["rope", "alibi", "learned", "none"] = "rope"
+    rope_base: float = 10_000.0
+    tie_embeddings: bool = False
+    use_bias: bool = False
+    # norms
+    norm: str = "layernorm"  # registry: seismo.models.norms.NORMS
+    norm_eps: float = 1e-6
+    norm_placement: Literal["pre", "post", "hybrid"] = "pre"
+    layerscale: bool = False
+    layerscale_init: float = 1e-4
+    # attention
+    attention: str = "softmax"  # registry: softmax | sigmoid | clipped_softmax | gated
+    qk_norm: bool = False
+    sigmoid_bias: float | None = None  # None: -log(max_seq_len) (Ramapuram et al. 2024)
+    clip_gamma: float = -0.025  # clipped softmax lower stretch (Bondarenko et al. 2023, BERT)
+    clip_zeta: float = 1.0  # clipped softmax upper stretch
+    gate_bias_init: float = -1.0986122886681098  # logit(0.25), gated attention (OPT-125m)
+    attn_bias: bool = False  # explicit attention bias k', v' (Sun et al. 2024)
+    # MLP and activation
+    mlp: Literal["dense", "gated"] = "dense"
+    activation: str = "gelu"  # registry: seismo.models.activations
+    activation_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # init and parametrisation
+    init_std: float | None = None  # None: truncated normal 1/sqrt(fan_in)
+    embed_init_std: float | None = None  # None: 1/sqrt(d_model)
+    mup: Literal["off", "simple", "full"] = "off"  # muParam (RESEARCH.md 1.5)
+    mup_base_width: int = 256
+    # execution
+    scan_layers: bool = True
+    remat: Literal["none", "full", "dots"] = "none"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_d_ff(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def resolved_sigmoid_bias(self) -> float:
+        return self.sigmoid_bias if self.sigmoid_bias is not None else -math.log(self.max_seq_len)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    z_loss: float = 0.0  # coefficient of mean(log Z^2); 0 is off, the paper uses 1e-4
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. Batches are a pure function of (seed, step, batch slice)."""
+
+    source: str = "stdlib"  # stdlib | text:<glob> | tfds:<name>[/<config>] | synthetic:<task>
+    batch_size: int = 8  # global batch, in sequences
+    seq_len: int = 64
+    tokenizer: str | None = None  # path to a SentencePiece model; None: bytes
+    eval_sequences: int = 64  # fixed evaluation set size
+    eval_seed: int = 1234
+    holdout_fraction: float = 0.05  # stdlib/text: share of files held out for evaluation
+    tfds_split: str = "train"
+    tfds_eval_split: str | None = None  # None: hold out documents of tfds_split
+    tfds_data_dir: str | None = None
+    tfds_text_key: str = "text"
+    synthetic_vocab: int = 64  # synthetic tasks: number of symbols
+    synthetic_modulus: int = 97  # synthetic:modular_arithmetic
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW recipe of Wortsman et al. 2023 (RESEARCH.md 1.1, 1.4, 1.8)."""
+
+    lr: float = 1e-3  # the peak learning rate
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    min_lr: float = 1e-5  # end of the cosine/linear decay
+    weight_decay: float = 1e-4
+    weight_decay_form: Literal["independent", "coupled"] = "independent"
+    decay_exclude: Sequence[str] = ("norm", "bias", "activation", "attn_bias", "layerscale")  # not decayed
+    grad_accum_steps: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 200
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    probe_every: int = 0  # 0 turns in-step probes off
+    checkpoint_every: int = 100  # every N-th step is kept
+    checkpoint_log_until: int = 1024  # keep steps 1, 2, 4, ... up to this bound
+    checkpoint_async: bool = True
+    progress: Literal["auto", "on", "off"] = "auto"
+    logit_warning_threshold: float = 1e4  # max attention logit predicted to cross -> warning
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. -1 infers the size from the device count (at most one axis)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    multihost: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "run": RunConfig,
+    "mesh": MeshConfig,
+}
+
+# The configs/ folder of a source checkout; SEISMO_CONFIGS overrides it.
+CONFIG_ROOT = Path(os.environ.get("SEISMO_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply `a.b=c` overrides,
+    validate, and return the frozen `Config`."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        raw = read_yaml_tree(path)
+        origin = str(path)
+    raw = apply_overrides(raw, overrides)
+    return from_dict(raw, origin=origin)
+
+
+def from_dict(raw: Mapping[str, Any], origin: str = "config") -> Config:
+    """Build and validate a `Config` from a nested mapping (presets resolved here)."""
+    raw = resolve_presets(dict(raw))
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise _unknown_key(key, list(SECTIONS), origin)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{origin}: {key!r} must be a mapping of settings, got {value!r}")
+        sections[key] = _build(SECTIONS[key], value, prefix=key, origin=origin)
+    cfg = Config(**sections)
+    validate(cfg, origin=origin)
+    return cfg
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain-data (YAML/JSON-safe) copy of a config or section."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def dump(cfg: Config, path: str | os.PathLike[str]) -> None:
+    """Write the fully resolved config as YAML (what a run directory records)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def with_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """A new validated config: `cfg` with `a.b=c` overrides applied."""
+    return from_dict(apply_overrides(to_dict(cfg), overrides), origin="overrides")
+
+
+def keys() -> list[str]:
+    """Every valid dotted key, e.g. 'model.n_layers'."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def get(cfg: Config, dotted: str) -> Any:
+    """The value at a dotted key, e.g. get(cfg, 'optimizer.lr')."""
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------- YAML, presets, overrides
+
+
+def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file and merge the files its `base:` names (relative to it) underneath."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a loop: {' -> '.join(map(str, _seen))}")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = deep_merge(merged, read_yaml_tree((path.parent / b), _seen + (path,)))
+    return deep_merge(merged, _relative_presets(data, path.parent))
+
+
+def _relative_presets(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    # A section written as a path to a YAML file is read relative to the file that names it.
+    out = dict(data)
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            out[key] = str((folder / value).resolve())
+    return out
+
+
+def deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """`b` over `a`, recursively for mappings; a preset string in `b` replaces a mapping in `a`."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def preset_path(section: str, name: str) -> Path:
+    """The file of a named preset: configs/<section>s/<name>.yaml, or a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    folder = CONFIG_ROOT / f"{section}s"
+    path = folder / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(q.stem for q in folder.glob("*.yaml")) if folder.exists() else []
+        hint = nearest(name, known)
+        msg = f"{section}: no preset named {name!r} in {folder}."
+        if hint:
+            msg += f" Did you mean {hint!r}?"
+        raise ConfigError(msg + (f" Presets: {', '.join(known)}" if known else ""))
+    return path
+
+
+def resolve_presets(raw: dict[str, Any]) -> dict[str, Any]:
+    """Replace `section: name` and `section: {preset: name, ...}` by the preset's settings."""
+    out = dict(raw)
+    for section in SECTIONS:
+        value = out.get(section)
+        name, extra = None, {}
+        if isinstance(value, str):
+            name = value
+        elif isinstance(value, Mapping) and "preset" in value:
+            name, extra = value["preset"], {k: v for k, v in value.items() if k != "preset"}
+        if name is None:
+            continue
+        data = read_yaml_tree(preset_path(section, str(name)))
+        body = data.get(section, data) if set(data) <= set(SECTIONS) else data
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"preset {name!r} for {section!r} must hold a mapping of settings")
+        out[section] = deep_merge(body, extra)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. model.n_layers=4")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key before '='")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    out = resolve_presets(dict(raw))
+    for text in overrides:
+        parts, value = parse_override(text)
+        if len(parts) == 1:  # a whole section: a preset name
+            out[parts[0]] = value
+            out = resolve_presets(out)
+            continue
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = dict(nxt) if isinstance(nxt, Mapping) else {}
+                node[p] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _unknown_key(key: str, valid: list[str], where: str, prefix: str = "") -> ConfigError:
+    full = f"{prefix}.{key}" if prefix else key
+    hint = nearest(key, valid)
+    msg = f"{where}: unknown key {full!r}."
+    if hint:
+        msg += f" Did you mean {(prefix + '.' if prefix else '') + hint!r}?"
+    return ConfigError(msg + f" Valid keys here: {', '.join(valid)}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, origin: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, origin, prefix)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}", origin)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    """Check `value` against the annotation `tp`; convert where lossless (int -> float, list -> tuple)."""
+    err = ConfigError(f"{origin}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    o = get_origin(tp)
+    if tp is Any:
+        return value
+    if o is Literal:
+        if value in get_args(tp):
+            return value
+        hint = nearest(str(value), [str(a) for a in get_args(tp)])
+        extra = f" Did you mean {hint!r}?" if hint else ""
+        raise ConfigError(f"{origin}: {key} must be one of {_type_name(tp)}, got {value!r}.{extra}")
+    if o in (typing.Union, types.UnionType):
+        for a in get_args(tp):
+            if a is type(None) and value is None:
+                return None
+        for a in get_args(tp):
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, origin)
+            except ConfigError:
+                continue
+        raise err
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise err
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise err
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads '1e-3' as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise err from None
+        raise err
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise err
+    if o in (Sequence, list, tuple, typing.Sequence):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise err
+        (inner,) = get_args(tp)[:1] or (Any,)
+        return tuple(_coerce(v, inner, f"{key}[{i}]", origin) for i, v in enumerate(value))
+    if o in (Mapping, dict, typing.Mapping):
+        if not isinstance(value, Mapping):
+            raise err
+        return dict(value)
+    return value
+
+
+# --------------------------------------------------------------------------- consistency
+
+
+def validate(cfg: Config, origin: str = "config") -> None:
+    """Checks that need more than one field, or the registries. Raises ConfigError."""
+    m, d, o, r, mesh = cfg.model, cfg.data, cfg.optimizer, cfg.run, cfg.mesh
+
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{origin}: {msg}")
+
+    for name, value in [
+        ("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+        ("model.vocab_size", m.vocab_size), ("model.max_seq_len", m.max_seq_len),
+        ("data.batch_size", d.batch_size), ("data.seq_len", d.seq_len),
+        ("optimizer.grad_accum_steps", o.grad_accum_steps), ("run.log_every", r.log_every),
+        ("run.eval_every", r.eval_every), ("run.checkpoint_every", r.checkpoint_every),
+    ]:
+        if value < 1:
+            fail(f"{name} must be at least 1, got {value}")
+    for name, value in [("run.steps", r.steps), ("run.probe_every", r.probe_every),
+                        ("optimizer.warmup_steps", o.warmup_steps), ("data.eval_sequences", d.eval_sequences)]:
+        if value < 0:
+            fail(f"{name} must be 0 or more, got {value}")
+    if m.head_dim is None and m.d_model % m.n_heads:
+        fail(f"model.d_model ({m.d_model}) is not divisible by model.n_heads ({m.n_heads}); "
+             f"change one of them or set model.head_dim explicitly")
+    if m.positions == "rope" and m.resolved_head_dim % 2:
+        fail(f"rope needs an even head dimension, got {m.resolved_head_dim}; change model.d_model or model.n_heads")
+    if d.seq_len > m.max_seq_len:
+        fail(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "
+             f"raise model.max_seq_len (sigmoid-attention bias and learned positions depend on it) or shorten data.seq_len")
+    if m.attention == "sigmoid" and m.sigmoid_bias is None and m.max_seq_len < 2:
+        fail("sigmoid attention needs model.max_seq_len (its bias is -log(max_seq_len)) or an explicit model.sigmoid_bias")
+    if m.attention == "clipped_softmax" and not (m.clip_gamma <= 0 and m.clip_zeta >= 1):
+        fail(f"clipped softmax needs model.clip_gamma <= 0 and model.clip_zeta >= 1, got {m.clip_gamma}, {m.clip_zeta}")
+    if m.norm_eps <= 0:
+        fail(f"model.norm_eps must be positive, got {m.norm_eps}")
+    if m.mup != "off" and m.mup_base_width < 1:
+        fail(f"model.mup_base_width must be at least 1 (the width of the smallest model), got {m.mup_base_width}")
+    if o.lr <= 0 or not math.isfinite(o.lr):
+        fail(f"optimizer.lr must be a positive number, got {o.lr}")
+    if o.min_lr < 0 or o.min_lr > o.lr and o.schedule != "constant":
+        fail(f"optimizer.min_lr ({o.min_lr}) must lie between 0 and optimizer.lr ({o.lr})")
+    if o.warmup_steps > r.steps and r.steps > 0:
+        fail(f"optimizer.warmup_steps ({o.warmup_steps}) is longer than run.steps ({r.steps}); shorten the warmup")
+    if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
+        fail(f"optimizer.b1 and optimizer.b2 must lie in [0, 1), got {o.b1}, {o.b2}")
+    if o.eps < 0 or o.weight_decay < 0 or o.clip_norm < 0 or cfg.loss.z_loss < 0:
+        fail("optimizer.eps, optimizer.weight_decay, optimizer.clip_norm and loss.z_loss must not be negative")
+    for group in o.decay_exclude:
+        if group not in DECAY_GROUPS:
+            hint = nearest(group, list(DECAY_GROUPS))
+            fail(f"optimizer.decay_exclude has unknown group {group!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                 + f" Groups: {', '.join(DECAY_GROUPS)}")
+    if d.batch_size % o.grad_accum_steps:
+        fail(f"data.batch_size ({d.batch_size}) must be divisible by optimizer.grad_accum_steps ({o.grad_accum_steps})")
+    if not 0 < d.holdout_fraction < 1:
+        fail(f"data.holdout_fraction must lie strictly between 0 and 1, got {d.holdout_fraction}")
+    if sum(1 for v in (mesh.data, mesh.fsdp, mesh.tensor) if v == -1) > 1:
+        fail("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (inferred)")
+    for name, v in [("mesh.data", mesh.data), ("mesh.fsdp", mesh.fsdp), ("mesh.tensor", mesh.tensor)]:
+        if v == 0 or v < -1:
+            fail(f"{name} must be a positive size or -1 (inferred), got {v}")
+    if mesh.tensor > 1 and m.n_heads % mesh.tensor:
+        fail(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({mesh.tensor})")
+    if d.source.split(":", 1)[0] not in DATA_SCHEMES:
+        scheme = d.source.split(":", 1)[0]
+        hint = nearest(scheme, list(DATA_SCHEMES))
+        fail(f"data.source {d.source!r}: unknown kind {scheme!r}" + (f"; did you mean {hint!r}?" if hint else "")
+             + f". Use one of: stdlib, text:<glob>, tfds:<name>[/<config>], synthetic:<task>")
+    _validate_registries(cfg, fail)
+
+
+# Parameter groups (seismo.models.param_groups) that optimizer.decay_exclude may name.
+DECAY_GROUPS = ("kernel", "embedding", "norm", "bias", "activation", "attn_bias", "layerscale")
+DATA_SCHEMES = ("stdlib", "text", "tfds", "synthetic")
+
+
+def _validate_registries(cfg: Config, fail: Any) -> None:
+    """Registered names (activation, norm, attention) and activation kwargs, checked without compiling."""
+    try:
+        from seismo.models import activations, attention, norms
+    except ImportError:  # the model package is not importable yet (partial install)
+        return
+    m = cfg.model
+    for key, reg in [("model.activation", activations.REGISTRY), ("model.norm", norms.NORMS),
+                     ("model.attention", attention.ATTENTIONS)]:
+        name = get(cfg, key)
+        if name not in reg:
+            fail(f"{key}: {reg.unknown_message(name)}")
+    try:
+        activations.check_kwargs(m.activation, dict(m.activation_kwargs))
+    except (TypeError, ValueError) as e:
+        fail(f"model.activation_kwargs: {e}")
