@@ -1,0 +1,1 @@
+"""Model definitions: transformer, attention, norms, activations, MLPs."""
