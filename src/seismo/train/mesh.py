@@ -1,0 +1,140 @@
+"""Device mesh, logical-axis rules and shardings: pjit is `jax.jit` with shardings.
+
+One code path for one CPU, a GPU box and a TPU pod slice: a `Mesh` with axes
+(`data`, `fsdp`, `tensor`), parameters annotated with logical axis names by the model
+(`embed`, `mlp`, `heads`, `kv`, `vocab`, `layers`) and one rule table mapping those names
+onto mesh axes. Batches are split over (`data`, `fsdp`); each host feeds its own rows with
+`jax.make_array_from_process_local_data`. On one CPU the same code runs on fake devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`) and on two processes over loopback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from seismo.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical parameter axis -> mesh axis (None: replicated). FSDP shards the model dimension of
+# every matrix; tensor parallelism shards heads, the MLP hidden dimension and the vocabulary.
+LOGICAL_RULES: Mapping[str, str | None] = {
+    "layers": None,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv": None,
+    "vocab": "tensor",
+}
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); a -1 entry takes what is left of `n_devices`."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(
+                f"mesh: {n_devices} devices cannot be split with fixed sizes "
+                f"{dict(zip(MESH_AXES, sizes))}; make the product of the fixed sizes divide {n_devices}"
+            )
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {n_devices} devices are available; "
+            f"set one of mesh.data/mesh.fsdp/mesh.tensor to -1 to infer it"
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    try:
+        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # fake CPU devices or unusual topologies: a plain reshape is fine
+        arr = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for one array from its logical axis names; a dimension that the mesh axis
+    does not divide stays replicated (small vocabularies, odd head counts)."""
+    if axes is None:
+        return PartitionSpec()
+    out: list[str | None] = []
+    used: set[str] = set()
+    for name, dim in zip(axes, shape):
+        mesh_axis = LOGICAL_RULES.get(name) if name is not None else None
+        if mesh_axis is None or mesh_axis in used or dim % mesh.shape[mesh_axis]:
+            out.append(None)
+        else:
+            out.append(mesh_axis)
+            used.add(mesh_axis)
+    return PartitionSpec(*out)
+
+
+def param_shardings(param_axes: Any, params_shape: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a params pytree, from the model's logical axis names."""
+    is_axes = lambda x: x is None or (isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x))
+    return jax.tree.map(
+        lambda axes, leaf: NamedSharding(mesh, spec_for(axes, leaf.shape, mesh)),
+        param_axes,
+        params_shape,
+        is_leaf=is_axes,
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a batch split over (data, fsdp); sequence positions replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def host_rows(sharding: NamedSharding, global_rows: int) -> slice:
+    """The contiguous rows of the global batch that this process's devices hold."""
+    index_map = sharding.addressable_devices_indices_map((global_rows, 1))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [global_rows if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    lo, hi = min(starts), max(stops)
+    return slice(lo, hi)
+
+
+def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding, global_rows: int) -> dict[str, jax.Array]:
+    """Device arrays of the global batch from this host's rows (`host_rows`)."""
+    out = {}
+    for k, v in batch.items():
+        global_shape = (global_rows, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v), global_shape)
+    return out
+
+
+def maybe_initialize_distributed(mesh_cfg: MeshConfig) -> bool:
+    """`jax.distributed.initialize()` when the config asks for it, or ('auto') when the
+    environment describes a multi-process job (coordinator address, SLURM, a TPU pod)."""
+    if mesh_cfg.multihost == "off":
+        return False
+    env_says = any(
+        k in os.environ
+        for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")
+    ) and int(os.environ.get("SLURM_NTASKS", os.environ.get("JAX_NUM_PROCESSES", "2"))) > 1
+    if mesh_cfg.multihost == "on" or env_says:
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize()
+        return True
+    return False
