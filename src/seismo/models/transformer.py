@@ -1,0 +1,212 @@
+"""The decoder-only transformer: embeddings -> blocks -> final norm -> head, used functionally.
+
+    model = build(cfg.model)
+    params = model.init(rng, tokens_BxT)                 # plain float32 arrays
+    logits_BxTxV, taps = model.apply(params, tokens_BxT)  # taps == {} unless taps=True
+    axes = model.param_axes()                             # logical axis names, no real init
+
+The defaults follow Wortsman et al. 2023 (arXiv 2309.14322, RESEARCH.md 1.1): pre-LN, no
+biases, RoPE, GELU MLP of width 4d, untied head, embedding N(0, 1/d), kernels truncated normal
+1/sqrt(fan_in). muParam (full) (RESEARCH.md 1.5) sets the head init std to
+sqrt(base_fan_in) / fan_in (base_fan_in = `model.mup_base_width`), the attention scale to 1/d_h
+and the initial query kernel to zero; its per-layer LRs live in the optimizer.
+
+Blocks are stacked with `nn.scan` (`model.scan_layers`, compile time flat in depth; every
+block parameter gets a leading 'layers' axis) and optionally rematerialised (`model.remat`:
+'full' saves nothing, 'dots' saves matmul outputs). With `scan_layers: false` the blocks are
+a Python loop over modules 'block_0', 'block_1', ...; `unstack_layers` / `stack_layers` convert
+parameters between the two layouts, and both give the same numbers.
+
+Taps: `apply(..., taps=True)` returns a flat dict of float32 arrays, stacked over layers:
+    resid        [L, B, T, D]     residual stream after each block
+    attn_logits  [L, B, H, T, S]  q.k * scale (attention.py); S = T, or T + 1 with attn_bias
+    attn_probs   [L, B, H, T, S]  attention weights, masked entries 0
+    attn_out     [L, B, T, D]     attention sublayer output
+    mlp_pre      [L, B, T, F]     activation input
+    mlp_post     [L, B, T, F]     hidden activity read by W_down
+    mlp_out      [L, B, T, D]     MLP output
+With taps=False nothing is recorded, and the function is the plain forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seismo.models.attention import Attention, tap
+from seismo.models.linear import Dense
+from seismo.models.mlp import MLP
+from seismo.models.norms import make_norm, residual
+
+TAP_NAMES = ("resid", "attn_logits", "attn_probs", "attn_out", "mlp_pre", "mlp_post", "mlp_out")
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+
+
+class Block(nn.Module):
+    """One transformer block on the residual stream x [B, T, D]. Returns (x, None) so that
+    the same module serves as the body of `nn.scan`."""
+
+    cfg: Any
+    taps: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, threshold: jax.Array | None = None) -> tuple[jax.Array, None]:
+        cfg = self.cfg
+        x_BxTxD = residual(cfg, "attn", x_BxTxD, Attention(cfg, self.taps, name="attn"))
+        mlp = MLP(cfg, self.taps, name="mlp")
+        x_BxTxD = residual(cfg, "mlp", x_BxTxD, lambda h: mlp(h, threshold))
+        if self.taps:
+            tap(self, "resid", x_BxTxD)
+        return x_BxTxD, None
+
+
+class Embed(nn.Module):
+    """A [num, features] table named 'embedding', init N(0, std^2)."""
+
+    num: int
+    features: int
+    std: float
+    axes: tuple[str | None, str | None]
+
+    def setup(self) -> None:
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
+        self.embedding = self.param("embedding", init, (self.num, self.features), jnp.float32)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0)
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] int -> logits [B, T, V] float32. `thresholds_L`: per-layer neuron
+    thresholds (mlp.py) or None."""
+
+    cfg: Any
+    taps: bool = False
+
+    @nn.compact
+    def __call__(self, tokens_BxT: jax.Array, thresholds_L: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+        dtype = jnp.dtype(cfg.dtype)
+        embed_std = cfg.embed_init_std if cfg.embed_init_std is not None else D**-0.5
+        embed = Embed(V, D, embed_std, ("vocab", "embed"), name="embed")
+        x_BxTxD = embed(tokens_BxT)
+        if cfg.positions == "learned":
+            T = tokens_BxT.shape[1]
+            pos = Embed(cfg.max_seq_len, D, embed_std, (None, "embed"), name="pos_embed")
+            x_BxTxD = x_BxTxD + pos(jnp.arange(T))[None]
+        x_BxTxD = x_BxTxD.astype(dtype)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            blocks = nn.scan(block, variable_axes={"params": 0, "taps": 0}, split_rngs={"params": True},
+                             in_axes=0, length=L, metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxTxD, _ = blocks(cfg, self.taps, name="blocks")(x_BxTxD, thresholds_L)
+        else:
+            for i in range(L):
+                thr = None if thresholds_L is None else thresholds_L[i]
+                x_BxTxD, _ = block(cfg, self.taps, name=f"block_{i}")(x_BxTxD, thr)
+
+        if cfg.norm_placement in ("pre", "hybrid"):
+            x_BxTxD = make_norm(cfg, "final_norm")(x_BxTxD)
+        if cfg.tie_embeddings:
+            return jnp.dot(x_BxTxD, embed.embedding.T.astype(dtype), preferred_element_type=jnp.float32)
+        head_std = (cfg.mup_base_width**0.5 / D) if cfg.mup == "full" else cfg.init_std
+        head = Dense(D, V, ("embed", "vocab"), head_std, cfg.use_bias, dtype, out_dtype=jnp.float32, name="head")
+        return head(x_BxTxD)
+
+
+# --------------------------------------------------------------------------- the functional model
+
+
+class Model:
+    """A built model: `init`, `apply` and `param_axes` (module docstring)."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def init(self, rng: jax.Array, tokens_BxT: jax.Array) -> dict[str, Any]:
+        """Fresh parameters: a nested dict of float32 arrays (logical names stripped)."""
+        variables = Transformer(self.cfg).init(rng, jnp.asarray(tokens_BxT))
+        return nn.meta.unbox(variables["params"])
+
+    def apply(
+        self,
+        params: dict[str, Any],
+        tokens_BxT: jax.Array,
+        *,
+        taps: bool = False,
+        neuron_threshold: jax.typing.ArrayLike | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(logits [B, T, V] float32, taps). `neuron_threshold`: a scalar or one value per layer
+        [L]; MLP neurons whose output norm |h_i| ||W_down[i]|| falls below it are zeroed."""
+        thr = None
+        if neuron_threshold is not None:
+            thr = jnp.broadcast_to(jnp.asarray(neuron_threshold, jnp.float32), (self.cfg.n_layers,))
+        module = Transformer(self.cfg, taps=taps)
+        if not taps:
+            return module.apply({"params": params}, tokens_BxT, thr), {}
+        logits, state = module.apply({"params": params}, tokens_BxT, thr, mutable=["taps"])
+        return logits, flatten_taps(state["taps"], self.cfg)
+
+    def param_axes(self) -> dict[str, Any]:
+        """Logical axis names of every parameter: a tree shaped like the params whose leaves
+        are tuples with one name (or None) per array dimension. Shapes only: nothing is
+        initialised."""
+        tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+        boxed = jax.eval_shape(Transformer(self.cfg).init, jax.random.PRNGKey(0), tokens)["params"]
+
+        def names(path: tuple[Any, ...], leaf: Any) -> tuple[str | None, ...]:
+            if isinstance(leaf, nn.meta.AxisMetadata):
+                return tuple(leaf.names)
+            # unannotated parameters (learnable activations): replicated, except the layer axis
+            stacked = self.cfg.scan_layers and getattr(path[0], "key", None) == "blocks"
+            return (("layers",) if stacked else ()) + (None,) * (leaf.ndim - int(stacked))
+
+        return jax.tree_util.tree_map_with_path(
+            names, boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return f"Model(d_model={c.d_model}, n_layers={c.n_layers}, n_heads={c.n_heads}, attention={c.attention!r})"
+
+
+def build(cfg: Any) -> Model:
+    """The model of a `ModelConfig`."""
+    return Model(cfg)
+
+
+def flatten_taps(tree: dict[str, Any], cfg: Any) -> dict[str, jax.Array]:
+    """{name: [L, ...]} from the 'taps' collection of a scanned or unrolled model."""
+
+    def leaves(sub: Any) -> dict[str, jax.Array]:
+        out: dict[str, jax.Array] = {}
+        for path, value in jax.tree_util.tree_leaves_with_path(sub):
+            out[str(path[-1].key)] = value
+        return out
+
+    if cfg.scan_layers:
+        return leaves(tree.get("blocks", {}))
+    per_layer = [leaves(tree[f"block_{i}"]) for i in range(cfg.n_layers)]
+    return {name: jnp.stack([layer[name] for layer in per_layer]) for name in per_layer[0]}
+
+
+def unstack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """Scanned layout ('blocks' with a leading layer axis) -> unrolled ('block_0', ...)."""
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(n_layers):
+        out[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
+    return out
+
+
+def stack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """Unrolled layout ('block_0', ...) -> scanned ('blocks' with a leading layer axis)."""
+    blocks = [params[f"block_{i}"] for i in range(n_layers)]
+    out = {k: v for k, v in params.items() if not k.startswith("block_")}
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    return out
