@@ -64,7 +64,7 @@ def test_yaml_float_strings_and_int_to_float(tmp_path):
         ("data.seq_len=1000", ["exceeds model.max_seq_len"]),
         ("optimizer.lr=-1", ["optimizer.lr must be a positive number"]),
         ("optimizer.warmup_steps=100000", ["longer than run.steps"]),
-        ("data.source=tfsd:c4", ["unknown kind 'tfsd'", "did you mean 'tfds'"]),
+        ("data.source=tfsd:c4", ["unknown data source 'tfsd'", "Did you mean 'tfds'"]),
         ("mesh.tensor=0", ["mesh.tensor must be a positive size"]),
         ("optimizer.decay_exclude=[norms]", ["unknown group 'norms'", "did you mean 'norm'"]),
     ],

@@ -412,7 +412,9 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
     if tp is Any:
         return value
     if o is Literal:
-        if value in get_args(tp):
+        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
+        if value in get_args(tp) and not isinstance(value, bool):
             return value
         hint = nearest(str(value), [str(a) for a in get_args(tp)])
         extra = f" Did you mean {hint!r}?" if hint else ""
@@ -529,25 +531,23 @@ def validate(cfg: Config, origin: str = "config") -> None:
             fail(f"{name} must be a positive size or -1 (inferred), got {v}")
     if mesh.tensor > 1 and m.n_heads % mesh.tensor:
         fail(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({mesh.tensor})")
-    if d.source.split(":", 1)[0] not in DATA_SCHEMES:
-        scheme = d.source.split(":", 1)[0]
-        hint = nearest(scheme, list(DATA_SCHEMES))
-        fail(f"data.source {d.source!r}: unknown kind {scheme!r}" + (f"; did you mean {hint!r}?" if hint else "")
-             + f". Use one of: stdlib, text:<glob>, tfds:<name>[/<config>], synthetic:<task>")
     _validate_registries(cfg, fail)
 
 
 # Parameter groups (seismo.models.param_groups) that optimizer.decay_exclude may name.
 DECAY_GROUPS = ("kernel", "embedding", "norm", "bias", "activation", "attn_bias", "layerscale")
-DATA_SCHEMES = ("stdlib", "text", "tfds", "synthetic")
 
 
 def _validate_registries(cfg: Config, fail: Any) -> None:
-    """Registered names (activation, norm, attention) and activation kwargs, checked without compiling."""
-    try:
-        from seismo.models import activations, attention, norms
-    except ImportError:  # the model package is not importable yet (partial install)
-        return
+    """Registered names (data source, activation, norm, attention) and activation kwargs, checked
+    without compiling anything."""
+    from seismo.data import SOURCES
+    from seismo.models import activations, attention, norms
+
+    scheme = cfg.data.source.split(":", 1)[0]
+    if scheme not in SOURCES:
+        fail(f"data.source {cfg.data.source!r}: {SOURCES.unknown_message(scheme)}. "
+             f"Use stdlib, text:<glob>, tfds:<name>[/<config>] or synthetic:<task>")
     m = cfg.model
     for key, reg in [("model.activation", activations.REGISTRY), ("model.norm", norms.NORMS),
                      ("model.attention", attention.ATTENTIONS)]:

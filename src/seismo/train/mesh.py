@@ -125,16 +125,22 @@ def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding, global_r
 
 
 def maybe_initialize_distributed(mesh_cfg: MeshConfig) -> bool:
-    """`jax.distributed.initialize()` when the config asks for it, or ('auto') when the
-    environment describes a multi-process job (coordinator address, SLURM, a TPU pod)."""
-    if mesh_cfg.multihost == "off":
+    """`jax.distributed.initialize()` when the config asks for it ('on'), or ('auto') when the
+    environment describes a multi-process job: JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID (any machine, e.g. two CPU processes over loopback), SLURM, or a TPU
+    pod (auto-detected by JAX). On CPU the cross-process collectives use gloo."""
+    if mesh_cfg.multihost == "off" or jax.distributed.is_initialized():
+        return jax.distributed.is_initialized()
+    env = os.environ
+    explicit = "JAX_COORDINATOR_ADDRESS" in env and int(env.get("JAX_NUM_PROCESSES", "1")) > 1
+    cluster = int(env.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in env
+    if not (mesh_cfg.multihost == "on" or explicit or cluster):
         return False
-    env_says = any(
-        k in os.environ
-        for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")
-    ) and int(os.environ.get("SLURM_NTASKS", os.environ.get("JAX_NUM_PROCESSES", "2"))) > 1
-    if mesh_cfg.multihost == "on" or env_says:
-        if not jax.distributed.is_initialized():
-            jax.distributed.initialize()
-        return True
-    return False
+    if env.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                                   int(env["JAX_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+    return True

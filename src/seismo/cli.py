@@ -1,0 +1,116 @@
+"""The `seismo` command: train, sweep, analyze, report.
+
+Every sub-command validates its config before anything compiles; errors are printed as one
+plain sentence (no traceback) and exit with status 2. `seismo train` exits 0 when the run
+finished or was preempted (SIGTERM/SIGINT: it saved and can be resumed), 3 when it diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+EPILOG_TRAIN = """\
+examples:
+  seismo train configs/tiny.yaml
+  seismo train configs/tiny.yaml --set optimizer.lr=3e-3 --set model.qk_norm=true
+  seismo train configs/tiny.yaml --set model=proxy_256 --run-dir runs/proxy
+
+The run directory holds config.yaml (resolved), metrics.jsonl (one JSON row per logged
+step), status.json and checkpoints/. Starting again on the same directory resumes from
+the newest checkpoint. Exit status: 0 finished or preempted (resumable), 3 diverged
+(a non-finite loss; recorded in metrics.jsonl), 2 bad input.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seismo",
+        description="Training-dynamics studies of transformer language models: train, sweep, analyse, report.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one model from a YAML config", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train one model. Keys are documented in the README (config table).")
+    t.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optimizer.lr=3e-3 (repeatable)")
+    t.add_argument("--run-dir", default=None,
+                   help="where the run is written (default: runs/<config name>); an existing run resumes")
+
+    s = sub.add_parser("sweep", help="run a grid of training runs from a sweep file",
+                       description="Run every point of a sweep file's grid; finished points are skipped "
+                                   "and unfinished ones resume. Writes results.csv and summary.csv.")
+    s.add_argument("sweep", help="sweep YAML file, e.g. configs/studies/qk_layernorm.yaml")
+    s.add_argument("--out", default=None, help="sweep directory (default: runs/<sweep name>)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every point (repeatable)")
+    s.add_argument("--execution", choices=["sequential", "parallel", "vmap"], default=None,
+                   help="override the sweep file's execution mode")
+    s.add_argument("--workers", type=int, default=None, help="processes for --execution parallel")
+
+    a = sub.add_parser("analyze", help="analyse every saved checkpoint of a run",
+                       description="Heavy statistics over every checkpoint on the fixed evaluation set "
+                                   "(massive activations, sparsity, kurtosis, sinks, spectra). Writes "
+                                   "RUN_DIR/analysis/*.csv; re-running skips analysed checkpoints.")
+    a.add_argument("run_dir", help="a run directory written by seismo train")
+    a.add_argument("--probes", nargs="*", default=None, help="which analyses (default: all)")
+    a.add_argument("--eval-sequences", type=int, default=None, help="evaluation sequences (default: 16)")
+
+    r = sub.add_parser("report", help="figures and report.md for a run or a sweep",
+                       description="Write figures/*.png and report.md for a run directory or a sweep directory.")
+    r.add_argument("path", help="a run directory or a sweep directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from seismo.config import ConfigError
+    from seismo.registry import UnknownNameError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, UnknownNameError, FileNotFoundError) as e:
+        print(f"seismo {args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from seismo import config as config_lib
+        from seismo.train.loop import train
+
+        cfg = config_lib.load(args.config, args.overrides)  # validated before anything compiles
+        run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+        result = train(cfg, run_dir)
+        print(f"{result.status} at step {result.step}: {run_dir}"
+              + (f" (eval loss {result.final_eval_loss:.4f})" if result.final_eval_loss is not None else ""))
+        return result.exit_code
+    if args.command == "sweep":
+        from seismo.sweep.runner import run_sweep
+
+        out = run_sweep(args.sweep, out=args.out, overrides=args.overrides,
+                        execution=args.execution, workers=args.workers)
+        print(f"sweep written to {out}")
+        return 0
+    if args.command == "analyze":
+        from seismo.instrument.analyze import analyze_run
+
+        out = analyze_run(args.run_dir, probes=args.probes, eval_sequences=args.eval_sequences)
+        print(f"analysis tables written to {out}")
+        return 0
+    if args.command == "report":
+        from seismo.analysis import report
+
+        out = report(args.path)
+        print(f"report written to {out}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The jitted train and eval steps.
+
+`train_step(state, batch) -> (state, metrics)` returns a flat dict of float32 scalars; the
+host fetches it one step late so the device never waits (nanodo, big_vision). The
+instrumented step is the same function with taps switched on and a probe function applied
+to (taps, grads, params, new optimizer state) inside the same jit, so full activations
+never leave the device; it is compiled beside the plain step and called every
+`run.probe_every` steps, and with probes off the plain step is all that compiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from seismo.config import Config
+from seismo.models.loss import lm_loss
+
+Batch = Mapping[str, jax.Array]
+# probe_fn(taps, params, grads, new_params, new_opt_state, loss_stats) -> {name: array}
+ProbeFn = Callable[..., dict[str, jax.Array]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied so far
+    params: Any
+    opt_state: Any
+
+
+def _loss(model: Any, cfg: Config, params: Any, batch: Batch, with_taps: bool):
+    logits, taps = model.apply(params, batch["inputs"], taps=with_taps)
+    loss, stats = lm_loss(logits, batch["targets"], z_loss=cfg.loss.z_loss, mask=batch.get("loss_mask"))
+    return loss, (stats, taps)
+
+
+def _microbatches(batch: Batch, n: int) -> Batch:
+    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+
+
+def grads_and_stats(model: Any, cfg: Config, params: Any, batch: Batch, with_taps: bool = False):
+    """Mean gradient and loss statistics over `optimizer.grad_accum_steps` microbatches
+    (a `lax.scan`, so memory is that of one microbatch). Taps come from the last one."""
+    grad_fn = jax.grad(lambda p, b: _loss(model, cfg, p, b, with_taps), has_aux=True)
+    n = cfg.optimizer.grad_accum_steps
+    if n == 1:
+        grads, (stats, taps) = grad_fn(params, batch)
+        return grads, stats, taps
+    micro = _microbatches(batch, n)
+    first = jax.tree.map(lambda v: v[0], micro)
+    _, (stats_shape, taps_shape) = jax.eval_shape(lambda p, b: _loss(model, cfg, p, b, with_taps), params, first)
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+
+    def body(carry, mb):
+        g_acc, s_acc, _ = carry
+        g, (s, t) = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s), t), None
+
+    init = (jax.tree.map(jnp.zeros_like, params), zeros(stats_shape), zeros(taps_shape))
+    (g_sum, s_sum, taps), _ = jax.lax.scan(body, init, micro)
+    mean = lambda tree: jax.tree.map(lambda x: x / n, tree)
+    # logz_max is a max, not a mean; the mean of per-microbatch maxima is a lower bound of it.
+    return mean(g_sum), mean(s_sum), taps
+
+
+def make_train_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    cfg: Config,
+    schedule: optax.Schedule,
+    probe_fn: ProbeFn | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The (un-jitted) train step; with `probe_fn` it is the instrumented step and returns
+    `(state, metrics, probes)`."""
+
+    def step(state: TrainState, batch: Batch):
+        grads, stats, taps = grads_and_stats(model, cfg, state.params, batch, with_taps=probe_fn is not None)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": stats["ce"] + stats["z_loss"],
+            **stats,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        }
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        if probe_fn is None:
+            return new_state, metrics
+        probes = probe_fn(taps=taps, params=state.params, grads=grads, new_params=params,
+                          new_opt_state=opt_state, loss_stats=stats)
+        return new_state, metrics, probes
+
+    return step
+
+
+def make_eval_step(model: Any, cfg: Config) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, jax.Array]]:
+    """Summed token cross-entropy and token count over a batch whose rows carry weights
+    (0 for padding rows), so any eval-set size runs with one compiled shape."""
+
+    def eval_step(params: Any, batch: Batch, row_weights_B: jax.Array):
+        logits, _ = model.apply(params, batch["inputs"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll_BxT = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        w_BxT = row_weights_B[:, None] * jnp.ones_like(nll_BxT)
+        if "loss_mask" in batch:
+            w_BxT = w_BxT * batch["loss_mask"]
+        return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT)
+
+    return eval_step
