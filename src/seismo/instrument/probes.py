@@ -1,0 +1,114 @@
+"""In-step probes: the cheap statistics computed inside the instrumented train step.
+
+The instrumented step is the plain step with taps on and this probe function applied
+inside the same jit, so full activations never leave the device; it is compiled beside the
+plain step and called every `run.probe_every` steps (the plain step pays nothing). What it
+returns becomes one `probe` row of metrics.jsonl (per-layer values are lists by layer):
+
+- per layer: `resid_rms`, `resid_max` (residual stream after the block); `attn_logit_max`
+  (max |q.k|/sqrt(d_h) over causal pairs, batch and heads: Wortsman et al. 2023, arXiv
+  2309.14322, section 3.1); `attn_entropy` (Zhai et al. 2023, arXiv 2303.06296);
+  `attn_sink_mass` (attention to the first token, averaged over queries and heads; Sun et
+  al. 2024, arXiv 2402.17762); `attn_row_mass` (1 for softmax; sigmoid attention,
+  Ramapuram et al. 2024, arXiv 2409.04431); `mlp_rms`, `mlp_zero_frac` (post-activation);
+- head: `logz_mean`, `logz_max`, `logit_mean` (output-logit divergence, Wortsman 3.2);
+- per parameter tensor (per layer for scanned blocks): `grad_rms/<path>`, `param_rms/<path>`,
+  `update_rms/<path>` of the unscaled AdamW update v/(sqrt(u)+eps) (Wortsman 3.4);
+- learnable activation parameters: `act/<path>` (PAU coefficients, APA lambda and kappa,
+  swish beta, PolyNorm weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from seismo.config import Config
+from seismo.instrument import stats
+from seismo.train import optimizer as opt_lib
+
+
+def path_name(path: tuple) -> str:
+    """'blocks/mlp/fc1/kernel' from a jax key path."""
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
+    return "/".join(parts)
+
+
+def _layered(axes: Any) -> bool:
+    return isinstance(axes, tuple) and len(axes) > 0 and axes[0] == "layers"
+
+
+def tensor_rms(tree: Any, axes_tree: Any) -> dict[str, jax.Array]:
+    """RMS of every leaf; leaves stacked over layers (first logical axis 'layers') get one
+    value per layer."""
+    out = {}
+    is_axes = lambda x: x is None or (isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x))
+    flat_axes = dict((path_name(p), a) for p, a in jax.tree_util.tree_leaves_with_path(axes_tree, is_leaf=is_axes))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        name = path_name(path)
+        x = leaf.astype(jnp.float32)
+        if _layered(flat_axes.get(name)) and x.ndim > 1:
+            out[name] = jnp.sqrt(jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim))))
+        else:
+            out[name] = jnp.sqrt(jnp.mean(jnp.square(x)))
+    return out
+
+
+def activation_params(params: Any) -> dict[str, jax.Array]:
+    """Every leaf under a module named 'activation' (learnable activations), by path."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = path_name(path)
+        if "activation" in name.split("/"):
+            out[name] = leaf.astype(jnp.float32)
+    return out
+
+
+def layer_stats(taps: dict[str, jax.Array], offset: int) -> dict[str, jax.Array]:
+    """Per-layer statistics from the stacked taps (leading axis: layer)."""
+    out: dict[str, jax.Array] = {}
+    if "resid" in taps:
+        r = taps["resid"].astype(jnp.float32)
+        red = tuple(range(1, r.ndim))
+        out["resid_rms"] = jnp.sqrt(jnp.mean(jnp.square(r), axis=red))
+        out["resid_max"] = jnp.max(jnp.abs(r), axis=red)
+    if "attn_logits" in taps:
+        out["attn_logit_max"] = stats.max_attention_logit_per_layer(taps["attn_logits"], offset=offset)["max_abs"]
+    if "attn_probs" in taps:
+        p = taps["attn_probs"]
+        out["attn_entropy"] = stats.attention_entropy_per_layer(p)["mean"]
+        out["attn_row_mass"] = stats.attention_row_mass_per_layer(p)["mean"]
+        out["attn_sink_mass"] = jnp.mean(
+            jax.vmap(lambda q: stats.sink_mass(q, position=offset, offset=offset))(p), axis=-1)
+    if "mlp_post" in taps:
+        m = taps["mlp_post"].astype(jnp.float32)
+        red = tuple(range(1, m.ndim))
+        out["mlp_rms"] = jnp.sqrt(jnp.mean(jnp.square(m), axis=red))
+        out["mlp_zero_frac"] = jnp.mean((m == 0).astype(jnp.float32), axis=red)
+    return out
+
+
+def make_step_probes(model: Any, cfg: Config) -> Callable[..., dict[str, jax.Array]]:
+    """The probe function the instrumented step applies (see seismo.train.step)."""
+    axes = model.param_axes()
+    offset = 1 if cfg.model.attn_bias else 0
+
+    def probe(*, taps, params, grads, new_params, new_opt_state, loss_stats) -> dict[str, jax.Array]:
+        out = dict(layer_stats(taps, offset))
+        for k in ("logz_mean", "logz_max", "logit_mean"):
+            if k in loss_stats:
+                out[k] = loss_stats[k]
+        delta = opt_lib.unscaled_update(new_opt_state)
+        for prefix, tree in (("grad_rms", grads), ("param_rms", new_params), ("update_rms", delta)):
+            for name, v in tensor_rms(tree, axes).items():
+                out[f"{prefix}/{name}"] = v
+        for name, v in activation_params(new_params).items():
+            out[f"act/{name}"] = v
+        return out
+
+    return probe
