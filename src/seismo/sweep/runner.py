@@ -1,0 +1,118 @@
+"""`seismo sweep SWEEP.yaml`: run every point of a grid, then tabulate.
+
+Each point is a normal run directory under `<sweep dir>/runs/<point name>/`. Points run one
+after another (`sequential`), in separate processes (`parallel`, `workers` at a time), or
+`vmap`ped: points that differ only in scalar hyperparameters train as one program
+(seismo.sweep.vmapped). An interrupted sweep started again skips finished (and diverged)
+runs and resumes unfinished ones from their checkpoints. At the end, `results.csv` (one row
+per run) and `summary.csv` (LR sensitivity per group, Wortsman et al. 2023, arXiv
+2309.14322, section 2.2) are written to the sweep directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from seismo.sweep.spec import Point, SweepSpec, expand, load_sweep_spec, run_dir, vmap_groups, write_spec
+from seismo.train.metrics import read_status
+
+DONE = ("finished", "diverged")
+
+
+def is_done(path: Path) -> bool:
+    status = read_status(path)
+    return status is not None and status.get("status") in DONE
+
+
+def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
+              execution: str | None = None, workers: int | None = None) -> Path:
+    """Run (or resume) the sweep in `path`; returns the sweep directory."""
+    spec = load_sweep_spec(path, overrides, execution=execution, workers=workers)
+    points = expand(spec)  # every point's config is validated here, before anything trains
+    sweep_dir = Path(out) if out is not None else Path("runs") / spec.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_spec(spec, sweep_dir)
+    todo = [p for p in points if not is_done(run_dir(sweep_dir, p))]
+    print(f"sweep {spec.name}: {len(points)} points, {len(points) - len(todo)} already done, "
+          f"{len(todo)} to run ({spec.execution}) -> {sweep_dir}", flush=True)
+    t0 = time.perf_counter()
+    if spec.execution == "vmap":
+        _run_vmapped(todo, sweep_dir)
+    elif spec.execution == "parallel":
+        _run_parallel(todo, sweep_dir, spec.workers or os.cpu_count() or 1)
+    else:
+        _run_sequential(todo, sweep_dir)
+    print(f"sweep {spec.name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    write_tables(sweep_dir, spec)
+    return sweep_dir
+
+
+def write_tables(sweep_dir: Path, spec: SweepSpec) -> None:
+    """results.csv (one row per run) and summary.csv (LR sensitivity per group)."""
+    from seismo.analysis import collect_results
+
+    collect_results(sweep_dir, spec, write=True)
+
+
+def _run_sequential(points: Sequence[Point], sweep_dir: Path) -> None:
+    from seismo.train.loop import train
+
+    for i, p in enumerate(points):
+        print(f"[{i + 1}/{len(points)}] {p.name}", flush=True)
+        r = train(p.config, run_dir(sweep_dir, p))
+        print(f"    {r.status} at step {r.step}" + (f", eval loss {r.final_eval_loss:.4f}" if r.final_eval_loss else ""),
+              flush=True)
+
+
+def _run_vmapped(points: Sequence[Point], sweep_dir: Path) -> None:
+    from seismo.sweep.vmapped import train_vmapped
+    from seismo.train.loop import train
+
+    groups = vmap_groups(points)
+    for i, group in enumerate(groups):
+        names = ", ".join(p.name for p in group)
+        print(f"[group {i + 1}/{len(groups)}] {len(group)} points vmapped: {names}", flush=True)
+        if len(group) == 1:
+            train(group[0].config, run_dir(sweep_dir, group[0]))
+            continue
+        for r in train_vmapped([p.config for p in group], [run_dir(sweep_dir, p) for p in group]):
+            print(f"    {r.run_dir.name}: {r.status}" + (f", eval loss {r.final_eval_loss:.4f}" if r.final_eval_loss else ""),
+                  flush=True)
+
+
+def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int) -> None:
+    """Each point in its own `seismo train` process; at most `workers` at once. Each process
+    runs single-threaded XLA when there are no more cores than workers, so they do not fight."""
+    from seismo import config as config_lib
+
+    queue = list(points)
+    running: list[tuple[Point, subprocess.Popen]] = []
+    env = dict(os.environ)
+    if (os.cpu_count() or 1) <= workers:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    failed = []
+    while queue or running:
+        while queue and len(running) < workers:
+            p = queue.pop(0)
+            d = run_dir(sweep_dir, p)
+            d.mkdir(parents=True, exist_ok=True)
+            config_lib.dump(p.config, d / "config.yaml")
+            log = (d / "train.log").open("a")
+            cmd = [sys.executable, "-m", "seismo.cli", "train", str(d / "config.yaml"), "--run-dir", str(d)]
+            running.append((p, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+            print(f"started {p.name}", flush=True)
+        time.sleep(0.5)
+        for p, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((p, proc))
+                status = (read_status(run_dir(sweep_dir, p)) or {}).get("status", "failed")
+                print(f"{p.name}: {status} (exit {proc.returncode})", flush=True)
+                if proc.returncode not in (0, 3):
+                    failed.append(p.name)
+    if failed:
+        print(f"{len(failed)} runs failed; see their train.log: {', '.join(failed)}", file=sys.stderr)
