@@ -129,11 +129,14 @@ class Model:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        # Jitted once per model: eager Flax init and apply dispatch op by op and recompile the
+        # layer scan on every call; inside an outer jit these inner jits are simply inlined.
+        self._init = jax.jit(self._init_impl)
+        self._apply = jax.jit(self._apply_impl, static_argnames="taps")
 
     def init(self, rng: jax.Array, tokens_BxT: jax.Array) -> dict[str, Any]:
         """Fresh parameters: a nested dict of float32 arrays (logical names stripped)."""
-        variables = Transformer(self.cfg).init(rng, jnp.asarray(tokens_BxT))
-        return nn.meta.unbox(variables["params"])
+        return self._init(rng, jnp.asarray(tokens_BxT))
 
     def apply(
         self,
@@ -148,6 +151,12 @@ class Model:
         thr = None
         if neuron_threshold is not None:
             thr = jnp.broadcast_to(jnp.asarray(neuron_threshold, jnp.float32), (self.cfg.n_layers,))
+        return self._apply(params, tokens_BxT, thr, taps=bool(taps))
+
+    def _init_impl(self, rng: jax.Array, tokens_BxT: jax.Array) -> dict[str, Any]:
+        return nn.meta.unbox(Transformer(self.cfg).init(rng, tokens_BxT)["params"])
+
+    def _apply_impl(self, params: Any, tokens_BxT: jax.Array, thr: jax.Array | None, *, taps: bool):
         module = Transformer(self.cfg, taps=taps)
         if not taps:
             return module.apply({"params": params}, tokens_BxT, thr), {}
