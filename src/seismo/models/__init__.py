@@ -6,8 +6,15 @@
 """
 
 from seismo.models.loss import lm_loss
-from seismo.models.params import param_count, param_groups
-from seismo.models.transformer import TAP_NAMES, Model, build, stack_layers, unstack_layers
+from seismo.models.transformer import (
+    TAP_NAMES,
+    Model,
+    build,
+    param_count,
+    param_groups,
+    stack_layers,
+    unstack_layers,
+)
 
 __all__ = ["TAP_NAMES", "Model", "build", "lm_loss", "param_count", "param_groups", "stack_layers",
            "unstack_layers"]

@@ -32,11 +32,6 @@ def truncated_normal(std: float) -> Initializer:
     return init
 
 
-def kernel_std(cfg: Any, fan_in: int) -> float:
-    """The default kernel std 1/sqrt(fan_in), or `cfg.init_std` when set."""
-    return cfg.init_std if cfg.init_std is not None else fan_in**-0.5
-
-
 class Dense(nn.Module):
     """y = x @ kernel (+ bias). kernel [fan_in, fan_out] with logical axes `axes`.
 
