@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "(massive activations, sparsity, kurtosis, sinks, spectra). Writes "
                                    "RUN_DIR/analysis/*.csv; re-running skips analysed checkpoints.")
     a.add_argument("run_dir", help="a run directory written by seismo train")
-    a.add_argument("--probes", nargs="*", default=None, help="which analyses (default: all)")
+    a.add_argument("--probes", nargs="*", default=None, metavar="NAME",
+                   help="analyses to run: massive sparsity outliers attention weights rank activation (default: all)")
     a.add_argument("--eval-sequences", type=int, default=None, help="evaluation sequences (default: 16)")
 
     r = sub.add_parser("report", help="figures and report.md for a run or a sweep",

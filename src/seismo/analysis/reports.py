@@ -219,7 +219,11 @@ def run_report(run_dir: Path) -> Path:
     massive = [t for t in run.analysis_tables() if "massive" in t]
     if massive:
         doc.add("## Massive activations", "")
-        table, value = figures.long_to_step_layer(run.analysis(massive[0]))
+        df = run.analysis(massive[0])
+        if "metric" in df:  # the tidy format of seismo analyze: one row per (step, layer, metric)
+            df = df[(df["metric"] == "ratio_seq_mean") & df["rank"].isna()]
+        table, value = figures.long_to_step_layer(df, value="value" if "metric" in run.analysis(massive[0]) else None)
+        value = "ratio_seq_mean" if value == "value" else value
         doc.figure("massive_ratio_heatmap", f"Top-1/median activation ratio ({value}) from analysis/{massive[0]}.csv",
                    lambda p: figures.layer_heatmap(table, value, title="Massive activations: top-1/median ratio",
                                                    log=True, log_steps=True, path=p))
