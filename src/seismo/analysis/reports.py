@@ -167,9 +167,13 @@ def _extrapolation_section(doc: _Doc, results: pd.DataFrame, keys: list[str], lr
     if lr_key not in keys or "n_params" not in results:
         return
     have = results[np.isfinite(results["attn_logit_max_l0"].astype(float))]
-    if have["n_params"].nunique() < 2:
-        return
     sizes, interventions = figures.split_keys(results, lr_key, keys)
+    per_group = have.groupby(interventions)["n_params"].nunique() if interventions else have["n_params"].nunique()
+    if int(np.max(per_group)) < 2:  # an intervention may add a few parameters; that is not a second size
+        doc.add("## Seeing instability coming", "",
+                "The max-logit extrapolation (Wortsman et al. 2023, Fig. 9) needs at least two model sizes "
+                "in the grid (e.g. `model: [proxy_256, proxy_384]`); this sweep has one.", "")
+        return
     step = spec.report.logit_step if spec is not None else "last"
     biggest = float(have["n_params"].max())
     fits = extrapolate_logits(have, None, [10 * biggest, 100 * biggest], lr_key=lr_key, group_by=interventions)
