@@ -171,6 +171,25 @@ def lr_vs_loss(results: pd.DataFrame, lr_key: str = "optimizer.lr", grid_keys: S
     return _save(fig, path)
 
 
+def _params_axis(ax: Any, n_params: Sequence[float]) -> None:
+    """Log x for parameter counts; when they span less than a decade (one size, or an
+    intervention that adds a few parameters) label the counts themselves, not log ticks."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    n = np.unique(np.asarray(n_params, dtype=float))
+    n = n[np.isfinite(n) & (n > 0)]
+    if len(n) and n.max() / n.min() < 10:
+        if n.max() / n.min() < 1.1:  # one size: a single tick, or the labels would overlap
+            n = np.array([np.sqrt(n.min() * n.max())])
+        ax.xaxis.set_major_locator(FixedLocator(n if len(n) <= 4 else n[[0, -1]]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_params(v)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = n.min() / 1.5, n.max() * 1.5
+        ax.set_xlim(lo, hi)
+
+
 def sensitivity_vs_params(summary: pd.DataFrame, results: pd.DataFrame | None = None,
                           lr_key: str = "optimizer.lr", grid_keys: Sequence[str] | None = None,
                           path: str | os.PathLike[str] | None = None) -> Figure:
@@ -188,7 +207,7 @@ def sensitivity_vs_params(summary: pd.DataFrame, results: pd.DataFrame | None = 
         g = g.sort_values("n_params")
         ax.plot(g["n_params"], g["lr_sensitivity"], marker=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i % 4],
                 color=OKABE_ITO[i % len(OKABE_ITO)], label=_label(interventions, ikey) or "all runs")
-    ax.set_xscale("log")
+    _params_axis(ax, summary["n_params"])
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("LR sensitivity (nats/token)")
     ax.set_title("LR sensitivity vs model size")
@@ -227,6 +246,7 @@ def grad_rms(results: pd.DataFrame, lr_key: str = "optimizer.lr", eps: float | N
         ax.set_xlabel(xlabel)
         ax.set_ylabel("grad RMS, block 0 first MLP kernel")
         ax.grid(True, which="major", alpha=0.3)
+    _params_axis(ax_n, df["n_params"])
     _legend(ax_n, [(f"LR={lr:g}", c) for lr, c in zip(lrs, lr_colours)], styles if interventions else ())
     _legend(ax_lr, [(lbl, OKABE_ITO[i % len(OKABE_ITO)]) for i, (_, lbl) in enumerate(order)],
             styles if interventions else ())
