@@ -17,7 +17,6 @@ def reference(logits, targets, coef, mask):
     return {
         "ce": mean(nll), "z_loss": coef * mean(logz**2), "logz_mean": mean(logz),
         "logz_max": logz[w > 0].max(), "logit_mean": mean(logits.mean(-1)),
-        "accuracy": mean((logits.argmax(-1) == targets).astype(np.float64)),
     }
 
 
@@ -31,9 +30,17 @@ def test_lm_loss_matches_numpy(coef, masked):
     loss, stats = lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
                           z_loss=coef, mask=None if mask is None else jnp.asarray(mask))
     want = reference(logits, targets, coef, mask)
+    assert set(stats) == set(want)  # the contract: exactly these keys
     for k, v in want.items():
         assert float(stats[k]) == pytest.approx(v, rel=1e-5, abs=1e-6), k
     assert float(loss) == pytest.approx(want["ce"] + want["z_loss"], rel=1e-5)
+
+
+def test_z_loss_coefficient_may_be_traced():
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 5)), jnp.float32)
+    f = jax.vmap(lambda c: lm_loss(logits, jnp.zeros((2, 3), jnp.int32), z_loss=c)[0])
+    losses = np.asarray(f(jnp.asarray([0.0, 1.0])))
+    assert losses[1] > losses[0]
 
 
 def test_z_loss_gradient_pulls_log_z_to_zero():

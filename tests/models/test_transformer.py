@@ -103,9 +103,12 @@ def test_taps_names_shapes_and_off_by_default():
     _, taps = model.apply(params, tokens(), taps=True)
     L, H, D, F = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.resolved_d_ff
     want = {"resid": (L, B, T, D), "attn_logits": (L, B, H, T, T + 1), "attn_probs": (L, B, H, T, T + 1),
-            "attn_out": (L, B, T, D), "mlp_pre": (L, B, T, F), "mlp_post": (L, B, T, F), "mlp_out": (L, B, T, D)}
+            "attn_out": (L, B, T, D), "mlp_pre": (L, B, T, F), "mlp_post": (L, B, T, F), "mlp_out": (L, B, T, D),
+            "embed": (B, T, D), "logits": (B, T, cfg.vocab_size)}
     assert {k: v.shape for k, v in taps.items()} == want
     assert all(v.dtype == jnp.float32 for v in taps.values())
+    np.testing.assert_array_equal(taps["logits"], logits)
+    np.testing.assert_array_equal(taps["embed"], np.asarray(params["embed"]["embedding"])[np.asarray(tokens())])
 
 
 def test_taps_do_not_change_logits_and_jit():

@@ -25,8 +25,8 @@ def lm_loss(
 
     `mask` [B, T] weighs tokens (1 counts, 0 ignores); None counts every token. stats (float32
     scalars): 'ce', 'z_loss' (already multiplied by the coefficient), 'logz_mean', 'logz_max'
-    (over counted tokens), 'logit_mean' (mean output logit), 'accuracy' (share of counted
-    tokens whose argmax is the target).
+    (over counted tokens), 'logit_mean' (mean output logit). `z_loss` may be a traced value
+    (vmapped sweeps).
     """
     logits = logits_BxTxV.astype(jnp.float32)
     logz_BxT = jax.nn.logsumexp(logits, axis=-1)
@@ -36,13 +36,11 @@ def lm_loss(
     mean = lambda v: jnp.sum(v * w_BxT) / count
     ce = mean(logz_BxT - target_logit_BxT)
     zl = z_loss * mean(jnp.square(logz_BxT))
-    correct = (jnp.argmax(logits, axis=-1) == targets_BxT).astype(jnp.float32)
     stats = {
         "ce": ce,
         "z_loss": zl,
         "logz_mean": mean(logz_BxT),
         "logz_max": jnp.max(jnp.where(w_BxT > 0, logz_BxT, -jnp.inf)),
         "logit_mean": mean(jnp.mean(logits, axis=-1)),
-        "accuracy": mean(correct),
     }
     return ce + zl, stats

@@ -17,7 +17,8 @@ block parameter gets a leading 'layers' axis) and optionally rematerialised (`mo
 a Python loop over modules 'block_0', 'block_1', ...; `unstack_layers` / `stack_layers` convert
 parameters between the two layouts, and both give the same numbers.
 
-Taps: `apply(..., taps=True)` returns a flat dict of float32 arrays, stacked over layers:
+Taps: `apply(..., taps=True)` returns a flat dict of float32 arrays, the blocks' stacked over layers:
+    embed        [B, T, D]        the residual stream entering block 0 (embeddings + positions)
     resid        [L, B, T, D]     residual stream after each block
     attn_logits  [L, B, H, T, S]  q.k * scale (attention.py); S = T, or T + 1 with attn_bias
     attn_probs   [L, B, H, T, S]  attention weights, masked entries 0
@@ -25,6 +26,7 @@ Taps: `apply(..., taps=True)` returns a flat dict of float32 arrays, stacked ove
     mlp_pre      [L, B, T, F]     activation input
     mlp_post     [L, B, T, F]     hidden activity read by W_down
     mlp_out      [L, B, T, D]     MLP output
+    logits       [B, T, V]        the output logits (as returned)
 With taps=False nothing is recorded, and the function is the plain forward pass.
 
 Parameter groups (`param_groups`; the names of `seismo.config.DECAY_GROUPS`) are decided by
@@ -54,7 +56,7 @@ from seismo.models.linear import Dense
 from seismo.models.mlp import MLP
 from seismo.models.norms import LAYERSCALE_MODULES, NORM_MODULES, make_norm, residual
 
-TAP_NAMES = ("resid", "attn_logits", "attn_probs", "attn_out", "mlp_pre", "mlp_post", "mlp_out")
+TAP_NAMES = ("embed", "resid", "attn_logits", "attn_probs", "attn_out", "mlp_pre", "mlp_post", "mlp_out", "logits")
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
 
@@ -92,6 +94,14 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0)
 
 
+class _TopTaps(nn.Module):
+    """Records the model-level taps ('embed', 'logits') under the scope 'top'."""
+
+    @nn.compact
+    def __call__(self, name: str, value: jax.Array) -> None:
+        tap(self, name, value)
+
+
 class Transformer(nn.Module):
     """tokens [B, T] int -> logits [B, T, V] float32. `thresholds_L`: per-layer neuron
     thresholds (mlp.py) or None."""
@@ -112,6 +122,9 @@ class Transformer(nn.Module):
             pos = Embed(cfg.max_seq_len, D, embed_std, (None, "embed"), name="pos_embed")
             x_BxTxD = x_BxTxD + pos(jnp.arange(T))[None]
         x_BxTxD = x_BxTxD.astype(dtype)
+        record = _TopTaps(name="top")  # a scope of its own: 'embed' is also the table's module name
+        if self.taps:
+            record("embed", x_BxTxD)
 
         block = Block
         if cfg.remat != "none":
@@ -128,10 +141,14 @@ class Transformer(nn.Module):
         if cfg.norm_placement in ("pre", "hybrid"):
             x_BxTxD = make_norm(cfg, "final_norm")(x_BxTxD)
         if cfg.tie_embeddings:
-            return jnp.dot(x_BxTxD, embed.embedding.T.astype(dtype), preferred_element_type=jnp.float32)
-        head_std = (cfg.mup_base_width**0.5 / D) if cfg.mup == "full" else cfg.init_std
-        head = Dense(D, V, ("embed", "vocab"), head_std, cfg.use_bias, dtype, out_dtype=jnp.float32, name="head")
-        return head(x_BxTxD)
+            logits_BxTxV = jnp.dot(x_BxTxD, embed.embedding.T.astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            head_std = (cfg.mup_base_width**0.5 / D) if cfg.mup == "full" else cfg.init_std
+            head = Dense(D, V, ("embed", "vocab"), head_std, cfg.use_bias, dtype, out_dtype=jnp.float32, name="head")
+            logits_BxTxV = head(x_BxTxD)
+        if self.taps:
+            record("logits", logits_BxTxV)
+        return logits_BxTxV
 
 
 # --------------------------------------------------------------------------- the functional model
@@ -204,18 +221,17 @@ def build(cfg: Any) -> Model:
 
 
 def flatten_taps(tree: dict[str, Any], cfg: Any) -> dict[str, jax.Array]:
-    """{name: [L, ...]} from the 'taps' collection of a scanned or unrolled model."""
+    """{name: array} from the 'taps' collection: the model's own taps ('embed', 'logits') as
+    they are, the blocks' taps stacked over layers [L, ...] (scanned or unrolled)."""
 
     def leaves(sub: Any) -> dict[str, jax.Array]:
-        out: dict[str, jax.Array] = {}
-        for path, value in jax.tree_util.tree_leaves_with_path(sub):
-            out[str(path[-1].key)] = value
-        return out
+        return {str(path[-1].key): v for path, v in jax.tree_util.tree_leaves_with_path(sub)}
 
+    out = leaves(tree.get("top", {}))
     if cfg.scan_layers:
-        return leaves(tree.get("blocks", {}))
+        return {**out, **leaves(tree.get("blocks", {}))}
     per_layer = [leaves(tree[f"block_{i}"]) for i in range(cfg.n_layers)]
-    return {name: jnp.stack([layer[name] for layer in per_layer]) for name in per_layer[0]}
+    return {**out, **{name: jnp.stack([layer[name] for layer in per_layer]) for name in per_layer[0]}}
 
 
 def unstack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
