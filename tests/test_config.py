@@ -1,5 +1,6 @@
 """Config: YAML + presets + overrides, and every error the issue promises, before compiling."""
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -19,7 +20,7 @@ def test_defaults_and_overrides():
     assert cfg.model.n_layers == 4 and cfg.optimizer.lr == pytest.approx(3e-3)
     assert cfg.model.qk_norm is True and cfg.run.steps == 700
     # frozen: configs are values
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.n_layers = 3  # type: ignore[misc]
 
 

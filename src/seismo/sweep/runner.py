@@ -18,7 +18,15 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from seismo.sweep.spec import Point, SweepSpec, expand, load_sweep_spec, run_dir, vmap_groups, write_spec
+from seismo.sweep.spec import (
+    Point,
+    SweepSpec,
+    expand,
+    load_sweep_spec,
+    run_dir,
+    vmap_groups,
+    write_spec,
+)
 from seismo.train.metrics import read_status
 
 DONE = ("finished", "diverged")
