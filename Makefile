@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 test: install
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 lint: install
