@@ -119,6 +119,9 @@ class Transformer(nn.Module):
         x_BxTxD = embed(tokens_BxT)
         if cfg.positions == "learned":
             T = tokens_BxT.shape[1]
+            if T > cfg.max_seq_len:  # a table lookup past its end would silently clamp
+                raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({cfg.max_seq_len}), the size "
+                                 "of the learned position table; raise model.max_seq_len")
             pos = Embed(cfg.max_seq_len, D, embed_std, (None, "embed"), name="pos_embed")
             x_BxTxD = x_BxTxD + pos(jnp.arange(T))[None]
         x_BxTxD = x_BxTxD.astype(dtype)
