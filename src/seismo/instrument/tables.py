@@ -33,7 +33,7 @@ from seismo.config import ConfigError
 from seismo.instrument import sparsity, stats, weights
 from seismo.instrument.probes import activation_params, path_name
 from seismo.models.loss import lm_loss
-from seismo.models.params import group_of
+from seismo.models.transformer import group_of
 
 # name -> what the group's table holds (also the text of `seismo analyze --help`).
 GROUPS: dict[str, str] = {
