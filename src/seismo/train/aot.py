@@ -1,0 +1,458 @@
+"""Ahead-of-time compilation of the real train step for a TPU slice, from a machine without one.
+
+    report = compile_for_topology(cfg, "v5e:2x2")      # needs `pip install -e '.[tpu]'` (libtpu)
+    print(format_report(report))
+
+libtpu can describe a TPU slice it is not running on (`jax.experimental.topologies.
+get_topology_desc`): it hands out compile-only devices with the slice's chip kind, coordinates
+and hosts. The train step is built exactly as `seismo.train.loop.Trainer` builds it (same model,
+optimizer, logical-axis shardings from `seismo.train.mesh`, donated state), traced with abstract
+arguments (`jax.ShapeDtypeStruct` with shardings: nothing is allocated) and compiled by the TPU
+compiler for those devices. What comes back is what the compiler knows about one device:
+
+* memory (`Compiled.memory_analysis()`): bytes of arguments, outputs, aliased (donated)
+  buffers, temporaries and program; their sum minus the aliases bounds the HBM a device needs.
+  A program that cannot fit is refused by the TPU compiler itself ("RESOURCE_EXHAUSTED: Ran out
+  of memory on HBM ...") and the report says so, with the compiler's numbers (`verdict`).
+* FLOPs and bytes accessed (`Compiled.cost_analysis()`), per device; XLA counts the body of a
+  loop once, so with scanned layers this is about one layer's worth (`LOOP_NOTE`), and the PaLM
+  count `model_flops_per_step` is the one to use for step-time estimates.
+
+The same functions compile for any list of devices (`compile_for_devices`), e.g. the CPU in
+tests; only `topology_devices` needs libtpu. HBM sizes and peak rates are Google Cloud's
+published per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm and the
+per-generation pages); the compiler reserves a little of the HBM (v5e: 15.75 of 16 GiB usable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from seismo import config as config_lib
+from seismo import models
+from seismo.config import Config
+from seismo.train import mesh as mesh_lib
+from seismo.train import optimizer as opt_lib
+from seismo.train.step import TrainState, make_train_step
+
+GiB = 1024**3
+
+
+class LibtpuUnavailable(RuntimeError):
+    """libtpu (the TPU compiler) is not installed in this Python environment."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: what libtpu calls it, and its published per-chip figures."""
+
+    generation: str  # the topology prefix libtpu accepts: v5e, v4, ...
+    device_kind: str  # jax Device.device_kind
+    hbm_bytes: int  # HBM per chip
+    peak_bf16_flops: float  # dense bf16 FLOP/s per chip
+    cores_per_chip: int  # TensorCores per chip
+    accelerator_counts_cores: bool | None  # Cloud type 'v4-8' counts cores (True), chips (False), n/a (None)
+    dims: int  # 2-D or 3-D torus
+    chip_config: str | None  # chip_config_name that Cloud TPU VMs run with (jax's aot_test)
+
+
+# Figures per chip from Google Cloud's TPU system-architecture pages.
+CHIPS: dict[str, Chip] = {c.generation: c for c in [
+    Chip("v2", "TPU v2", 16 * GiB, 45e12, 2, True, 2, None),
+    Chip("v3", "TPU v3", 32 * GiB, 123e12, 2, True, 2, None),
+    Chip("v4", "TPU v4", 32 * GiB, 275e12, 2, True, 3, "megacore"),
+    Chip("v5e", "TPU v5 lite", 16 * GiB, 197e12, 1, False, 2, None),
+    Chip("v5p", "TPU v5", 96 * GiB, 459e12, 2, True, 3, "megachip_tccontrol"),  # docs: 95 GB; 95.74 GiB usable
+    Chip("v6e", "TPU v6 lite", 32 * GiB, 918e12, 1, False, 2, "megachip_tccontrol"),
+    Chip("tpu7x", "TPU7x", 192 * GiB, 2307e12, 2, None, 3, None),
+]}
+# Other spellings of a generation (Cloud accelerator types, libtpu's own names).
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e", "v7x": "tpu7x", "tpu7": "tpu7x"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A parsed slice name: `topology_name` is what libtpu is given ('v5e:2x2')."""
+
+    name: str  # as the user wrote it
+    chip: Chip
+    shape: tuple[int, ...]  # chips along each torus axis
+
+    @property
+    def topology_name(self) -> str:
+        return f"{self.chip.generation}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def n_chips(self) -> int:
+        return math.prod(self.shape)
+
+
+def chip_for_device_kind(device_kind: str) -> Chip | None:
+    for chip in CHIPS.values():
+        if chip.device_kind == device_kind:
+            return chip
+    return None
+
+
+def _generation(text: str) -> Chip:
+    key = ALIASES.get(text.lower(), text.lower())
+    if key not in CHIPS:
+        raise ValueError(f"unknown TPU generation {text!r}; known: {', '.join(CHIPS)} "
+                         f"(also {', '.join(ALIASES)})")
+    return CHIPS[key]
+
+
+def default_shape(n_chips: int, dims: int) -> tuple[int, ...]:
+    """The slice shape Cloud TPU gives a chip count: 2-D 2x4, 4x4, 4x8, ... (v5e, v6e, v2, v3);
+    3-D 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ... (v4, v5p), doubling the last smallest axis."""
+    if n_chips < 1 or n_chips & (n_chips - 1):
+        raise ValueError(f"{n_chips} chips is not a power of two; give the shape, e.g. v4:2x2x3")
+    if dims == 2:
+        k = n_chips.bit_length() - 1
+        return (2 ** (k // 2), 2 ** (k - k // 2))
+    if n_chips < 4:
+        raise ValueError(f"3-D slices start at 4 chips (2x2x1), got {n_chips}")
+    shape = [2, 2, 1]
+    while math.prod(shape) < n_chips:
+        low = min(shape)
+        i = max(j for j, s in enumerate(shape) if s == low)
+        shape[i] *= 2
+    return tuple(shape)
+
+
+def parse_topology(name: str) -> Topology:
+    """'v5e:2x2', 'v4:2x2x1' (generation:shape in chips), or a Cloud accelerator type
+    'v5litepod-16', 'v4-8', 'v5p-32' (cores for v2/v3/v4/v5p, chips for v5e/v6e/tpu7x)."""
+    text = name.strip()
+    m = re.fullmatch(r"([A-Za-z0-9]+)[:=]([0-9]+(?:x[0-9]+)*)", text)
+    if m:
+        chip = _generation(m.group(1))
+        shape = tuple(int(s) for s in m.group(2).split("x"))
+        if len(shape) == 3 and chip.dims == 2 and shape[2] == 1:
+            shape = shape[:2]
+        elif len(shape) == 2 and chip.dims == 3:
+            shape = (*shape, 1)
+        if len(shape) != chip.dims or 0 in shape:
+            raise ValueError(f"topology {name!r}: {chip.generation} slices are {chip.dims}-D, "
+                             f"e.g. {chip.generation}:{'x'.join(['2'] * chip.dims)}")
+        return Topology(text, chip, shape)
+    m = re.fullmatch(r"([A-Za-z0-9]+)-([0-9]+)", text)
+    if m:
+        chip = _generation(m.group(1))
+        count = int(m.group(2))
+        if chip.accelerator_counts_cores is None:
+            raise ValueError(f"{name!r}: give {chip.generation} slices by shape, e.g. {chip.generation}:2x2x1")
+        if chip.accelerator_counts_cores:
+            if count % chip.cores_per_chip:
+                raise ValueError(f"{name!r}: {chip.generation}-N counts TensorCores ({chip.cores_per_chip} per chip)")
+            count //= chip.cores_per_chip
+        return Topology(text, chip, default_shape(count, chip.dims))
+    raise ValueError(f"topology {name!r} not understood: write generation:shape (v5e:2x2, v4:2x2x1) "
+                     f"or a Cloud accelerator type (v5litepod-16, v4-8)")
+
+
+def libtpu_available() -> bool:
+    """Whether the TPU compiler can be loaded (libtpu installed, e.g. by `pip install jax[tpu]`)."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(topology: str | Topology, *, chip_config: str | None = None,
+                     num_slices: int = 1) -> list[jax.Device]:
+    """Compile-only devices of a TPU slice (libtpu needed, no TPU). `chip_config` defaults to
+    what Cloud TPU VMs run (v4: 'megacore', one device per chip)."""
+    topo = parse_topology(topology) if isinstance(topology, str) else topology
+    if not libtpu_available():
+        raise LibtpuUnavailable(
+            "compiling for a TPU topology needs libtpu, which is not installed here; install it "
+            "with `pip install -e '.[tpu]'` (jax[tpu]) in a separate environment, see TPU_SETUP.md")
+    from jax.experimental import topologies
+
+    # libtpu takes a lock file (/tmp/libtpu_lockfile) so that two processes do not drive the same
+    # chips; compile-only devices drive none, so let several checks (parallel tests, a check on a
+    # TPU VM beside a running job) load it at once. Read when libtpu loads, i.e. on first use.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kwargs: dict[str, Any] = {}
+    if chip_config or topo.chip.chip_config:
+        kwargs["chip_config_name"] = chip_config or topo.chip.chip_config
+    if num_slices > 1:
+        kwargs["num_slices"] = num_slices
+    return list(topologies.get_topology_desc(topology_name=topo.topology_name, platform="tpu", **kwargs).devices)
+
+
+# --------------------------------------------------------------------------- the step, abstractly
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def build_abstract_step(cfg: Config, mesh: jax.sharding.Mesh, *, probes: bool | None = None) -> dict[str, Any]:
+    """The jitted train step(s) of `Trainer` for `mesh` and their abstract arguments.
+    Returns {'params': abstract params, 'state_shardings': TrainState of NamedShardings,
+    'steps': {name: (jitted fn, abstract args)}}; 'probe' is among the steps when `probes`
+    (default: cfg.run.probe_every > 0)."""
+    # The Trainer's own rule for optimizer-state shardings (imported here: loop pulls in orbax).
+    from seismo.train.loop import _match_shardings
+
+    div = mesh_lib.batch_divisor(mesh)
+    if cfg.data.batch_size % (div * cfg.optimizer.grad_accum_steps):
+        raise config_lib.ConfigError(
+            f"data.batch_size ({cfg.data.batch_size}) must be divisible by mesh data*fsdp ({div}) "
+            f"times optimizer.grad_accum_steps ({cfg.optimizer.grad_accum_steps})")
+    model = models.build(cfg.model)
+    schedule = opt_lib.schedule(cfg.optimizer, cfg.run.steps)
+    tokens = jax.ShapeDtypeStruct((1, cfg.data.seq_len), jnp.int32)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)  # a raw PRNGKey, abstract
+    params_shape = jax.eval_shape(model.init, rng, tokens)
+    tx = opt_lib.build(cfg.optimizer, cfg.model, params_shape, cfg.run.steps)
+    param_sh = mesh_lib.param_shardings(model.param_axes(), params_shape, mesh)
+    repl = mesh_lib.replicated(mesh)
+    state_shape = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_shape,
+                             opt_state=jax.eval_shape(tx.init, params_shape))
+    state_sh = TrainState(step=repl, params=param_sh,
+                          opt_state=_match_shardings(state_shape.opt_state, params_shape, param_sh, repl))
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    rows_T = (cfg.data.batch_size, cfg.data.seq_len)
+    batch = {"inputs": jax.ShapeDtypeStruct(rows_T, jnp.int32, sharding=batch_sh),
+             "targets": jax.ShapeDtypeStruct(rows_T, jnp.int32, sharding=batch_sh)}
+    if cfg.data.source.startswith("synthetic"):  # synthetic tasks carry a loss mask
+        batch["loss_mask"] = jax.ShapeDtypeStruct(rows_T, jnp.float32, sharding=batch_sh)
+    state = _abstract(state_shape, state_sh)
+    steps = {"train": (jax.jit(make_train_step(model, tx, cfg, schedule), in_shardings=(state_sh, batch_sh),
+                               out_shardings=(state_sh, repl), donate_argnums=(0,)), (state, batch))}
+    want_probes = cfg.run.probe_every > 0 if probes is None else probes
+    if want_probes:
+        from seismo.instrument.probes import make_step_probes
+
+        fn = make_train_step(model, tx, cfg, schedule, make_step_probes(model, cfg))
+        steps["probe"] = (jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl, repl),
+                                  donate_argnums=(0,)), (state, batch))
+    return {"params": params_shape, "state_shardings": state_sh, "steps": steps}
+
+
+# --------------------------------------------------------------------------- compile and measure
+
+
+MEMORY_FIELDS = {  # report key -> CompiledMemoryStats attribute
+    "argument_bytes": "argument_size_in_bytes",
+    "output_bytes": "output_size_in_bytes",
+    "alias_bytes": "alias_size_in_bytes",
+    "temp_bytes": "temp_size_in_bytes",
+    "code_bytes": "generated_code_size_in_bytes",
+}
+_OOM = re.compile(r"memory required for ([^()]*?) \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def memory_report(stats: Any) -> dict[str, int]:
+    """Per-device bytes from `Compiled.memory_analysis()`; `peak_bytes` = arguments + outputs
+    - aliased (donated state is reused for the new state) + temporaries + program."""
+    out = {key: int(getattr(stats, attr, 0) or 0) for key, attr in MEMORY_FIELDS.items()}
+    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                         + out["temp_bytes"] + out["code_bytes"])
+    return out
+
+
+def cost_report(cost: Any) -> dict[str, float | None]:
+    """FLOPs and bytes accessed per device from `Compiled.cost_analysis()` (a dict, or a list
+    with one dict in older jax)."""
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    get = lambda k: float(cost[k]) if k in cost and cost[k] is not None else None
+    return {"flops": get("flops"), "bytes_accessed": get("bytes accessed")}
+
+
+def parse_oom(message: str) -> dict[str, Any] | None:
+    """The numbers of a TPU compiler out-of-HBM error, or None if `message` is another error."""
+    m = _OOM.search(message)
+    if "RESOURCE_EXHAUSTED" not in message and m is None:
+        return None
+    out: dict[str, Any] = {"oom": True}
+    if m:
+        out["required_bytes"] = int(float(m.group(2)) * _UNITS[m.group(3)])
+        out["available_bytes"] = int(float(m.group(4)) * _UNITS[m.group(5)])
+        out["required_for"] = m.group(1).strip()
+    return out
+
+
+def compile_one(fn: Any, args: Sequence[Any]) -> dict[str, Any]:
+    """Lower and compile `fn(*args)`; memory and cost per device, or the compiler's refusal."""
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XlaRuntimeError / JaxRuntimeError
+        msg = str(e)
+        oom = parse_oom(msg)
+        if oom is None:
+            raise
+        return {"compiled": False, "error": msg.splitlines()[0][:500], **oom,
+                "compile_s": time.perf_counter() - t0}
+    out: dict[str, Any] = {"compiled": True, "compile_s": time.perf_counter() - t0}
+    out.update(memory_report(compiled.memory_analysis()))
+    out.update(cost_report(compiled.cost_analysis()))
+    return out
+
+
+def model_flops_per_step(cfg: Config, params_shape: Any) -> float:
+    """Training FLOPs of one step by the PaLM count (Chowdhery et al. 2022, arXiv 2204.02311,
+    appendix B): 6 N per token for the N parameters of matrix multiplies (embedding lookups
+    excluded, the head included) plus 12 L H Q T per token for attention."""
+    m = cfg.model
+    groups = models.param_groups(params_shape)
+    n = sum(math.prod(p.shape) for p, g in zip(jax.tree.leaves(params_shape), jax.tree.leaves(groups))
+            if g == "kernel")
+    if m.tie_embeddings:
+        n += m.vocab_size * m.d_model
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    return float(6 * n * tokens + 12 * m.n_layers * m.n_heads * m.resolved_head_dim * cfg.data.seq_len * tokens)
+
+
+LOOP_NOTE = ("XLA's cost analysis counts the body of a loop once: with model.scan_layers (and "
+             "optimizer.grad_accum_steps > 1) the compiled FLOPs cover about one layer (one microbatch); "
+             "model_flops_per_step is the full count")
+
+
+def verdict(step: Mapping[str, Any], hbm_bytes: int | None) -> str:
+    """'fits': compiled and `peak_bytes` within `hbm_bytes`; 'tight': the compiler accepted it
+    (its own liveness-aware check passed) but the plain sum `peak_bytes` is over; 'does not fit':
+    the compiler ran out of HBM."""
+    if not step.get("compiled"):
+        return "does not fit"
+    if hbm_bytes and step["peak_bytes"] > hbm_bytes:
+        return "tight"
+    return "fits"
+
+
+def compile_for_devices(cfg: Config, devices: Sequence[jax.Device], *, hbm_bytes_per_device: int | None = None,
+                        peak_flops_per_device: float | None = None, probes: bool | None = None) -> dict[str, Any]:
+    """Compile the train step (and the probe step) of `cfg` for `devices`; a report dict
+    (see `compile_for_topology`). Works for any platform; `hbm_bytes_per_device` is the
+    memory limit the verdicts use."""
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    built = build_abstract_step(cfg, mesh, probes=probes)
+    steps = {name: compile_one(fn, args) for name, (fn, args) in built["steps"].items()}
+    for rep in steps.values():
+        if hbm_bytes_per_device and rep.get("compiled"):
+            rep["hbm_fraction"] = rep["peak_bytes"] / hbm_bytes_per_device
+        rep["verdict"] = verdict(rep, hbm_bytes_per_device)
+    model_flops = model_flops_per_step(cfg, built["params"])
+    d0 = devices[0]
+    return {
+        "platform": d0.platform,
+        "device_kind": d0.device_kind,
+        "n_devices": len(devices),
+        "n_hosts": len({d.process_index for d in devices}),
+        "mesh": dict(mesh.shape),
+        "hbm_bytes_per_device": hbm_bytes_per_device,
+        "params": models.param_count(built["params"]),
+        "global_batch": cfg.data.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
+        "model_flops_per_step": model_flops,
+        # perfect split over the devices at the peak bf16 rate: a lower bound on the step time
+        "step_s_at_peak": model_flops / len(devices) / peak_flops_per_device if peak_flops_per_device else None,
+        "flops_note": LOOP_NOTE if cfg.model.scan_layers or cfg.optimizer.grad_accum_steps > 1 else None,
+        "steps": steps,
+        "fits": all(r["verdict"] == "fits" for r in steps.values()),
+    }
+
+
+def usable_hbm_bytes(device: jax.Device) -> int | None:
+    """The HBM the TPU compiler lets one program use on `device` (a little under the chip's
+    HBM: v5e 15.75 of 16 GiB): read off its refusal of a 1 TiB argument (a compile of well
+    under a second). None when the compiler does not say."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    huge = jax.ShapeDtypeStruct((2**38,), jnp.float32, sharding=sharding)
+    try:
+        jax.jit(lambda x: x[:1]).lower(huge).compile()
+    except Exception as e:
+        oom = parse_oom(str(e))
+        return oom.get("available_bytes") if oom else None
+    return None
+
+
+def compile_for_topology(cfg: Config, topology: str, *, mesh: Mapping[str, int] | None = None,
+                         chip_config: str | None = None, num_slices: int = 1,
+                         probes: bool | None = None) -> dict[str, Any]:
+    """Compile the real train step of `cfg` for a TPU slice named `topology` ('v5e:2x2',
+    'v4-8', ...) without a TPU. `mesh` overrides mesh.data/fsdp/tensor, e.g. {'fsdp': 4}.
+
+    The report: topology, device_kind, n_devices, n_hosts, mesh sizes, HBM per device (the
+    compiler's usable figure, and the published one), params, tokens per step, the PaLM
+    model-FLOPs estimate and the step time it takes at peak bf16 FLOP/s (a lower bound); per
+    compiled step ('train', and 'probe' when run.probe_every > 0) the per-device bytes
+    (argument/output/alias/temp/code and their sum `peak_bytes`), XLA's FLOPs and bytes
+    accessed, the fraction of HBM, compile seconds and a `verdict` ('fits', 'tight' or 'does
+    not fit', see `verdict`); when the compiler ran out of HBM, compiled=False with its numbers.
+    `fits` is True when every step's verdict is 'fits'."""
+    topo = parse_topology(topology)
+    if mesh:
+        cfg = config_lib.with_overrides(cfg, [f"mesh.{k}={v}" for k, v in mesh.items()])
+    devices = topology_devices(topo, chip_config=chip_config, num_slices=num_slices)
+    chip = chip_for_device_kind(devices[0].device_kind) or topo.chip
+    per_chip = 1 + max(getattr(d, "core_on_chip", 0) for d in devices)  # devices sharing one chip
+    nominal = chip.hbm_bytes // per_chip
+    usable = usable_hbm_bytes(devices[0])
+    report = compile_for_devices(cfg, devices, hbm_bytes_per_device=usable or nominal,
+                                 peak_flops_per_device=chip.peak_bf16_flops / per_chip, probes=probes)
+    return {"topology": topo.topology_name, "num_slices": num_slices, "n_chips": topo.n_chips * num_slices,
+            "hbm_nominal_bytes_per_device": nominal, **report}
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A few lines a person reads: the slice, the mesh, and per step memory and FLOPs."""
+    mesh = " x ".join(f"{k}={v}" for k, v in report["mesh"].items())
+    head = report.get("topology", report["platform"])
+    if report.get("num_slices", 1) > 1:
+        head = f"{report['num_slices']} slices x {head}"
+    lines = [
+        f"{head}: {report['n_devices']} x {report['device_kind']} on {report['n_hosts']} host(s); "
+        f"mesh {mesh}; HBM/device {_bytes(report.get('hbm_bytes_per_device'))} usable",
+        f"  model {report['params'] / 1e6:.2f}M params; batch {report['global_batch']} x {report['seq_len']} "
+        f"= {report['tokens_per_step']} tokens/step; model FLOPs/step {_num(report['model_flops_per_step'])}"
+        + (f" (>= {report['step_s_at_peak'] * 1e3:.3g} ms/step at peak bf16)" if report.get("step_s_at_peak") else ""),
+    ]
+    for name, r in report["steps"].items():
+        if not r.get("compiled"):
+            lines.append(f"  {name:5s}: DOES NOT FIT: needs {_bytes(r.get('required_bytes'))} of "
+                         f"{_bytes(r.get('available_bytes'))} available ({r.get('required_for', r.get('error'))})")
+            continue
+        frac = f" ({100 * r['hbm_fraction']:.3g}% of HBM)" if r.get("hbm_fraction") is not None else ""
+        lines.append(
+            f"  {name:5s}: peak {_bytes(r['peak_bytes'])}{frac} = args {_bytes(r['argument_bytes'])} + out "
+            f"{_bytes(r['output_bytes'])} - donated {_bytes(r['alias_bytes'])} + temp {_bytes(r['temp_bytes'])} "
+            f"+ code {_bytes(r['code_bytes'])}; XLA FLOPs/device {_num(r['flops'])}; compiled in {r['compile_s']:.1f}s")
+    verdicts = {r["verdict"] for r in report["steps"].values()}
+    overall = next(v for v in ("does not fit", "tight", "fits") if v in verdicts or v == "fits")
+    lines.append(f"  verdict: {overall}" + (
+        " (the compiler accepted it, but arguments + temporaries add up to more than the usable HBM: "
+        "confirm on hardware or leave headroom)" if overall == "tight" else ""))
+    return "\n".join(lines)
