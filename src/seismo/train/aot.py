@@ -202,7 +202,7 @@ def build_abstract_step(cfg: Config, mesh: jax.sharding.Mesh, *, probes: bool | 
     'steps': {name: (jitted fn, abstract args)}}; 'probe' is among the steps when `probes`
     (default: cfg.run.probe_every > 0)."""
     # The Trainer's own rule for optimizer-state shardings (imported here: loop pulls in orbax).
-    from seismo.train.loop import _match_shardings
+    from seismo.train.loop import match_shardings
 
     div = mesh_lib.batch_divisor(mesh)
     if cfg.data.batch_size % (div * cfg.optimizer.grad_accum_steps):
@@ -220,7 +220,7 @@ def build_abstract_step(cfg: Config, mesh: jax.sharding.Mesh, *, probes: bool | 
     state_shape = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_shape,
                              opt_state=jax.eval_shape(tx.init, params_shape))
     state_sh = TrainState(step=repl, params=param_sh,
-                          opt_state=_match_shardings(state_shape.opt_state, params_shape, param_sh, repl))
+                          opt_state=match_shardings(state_shape.opt_state, params_shape, param_sh, repl))
     batch_sh = mesh_lib.batch_sharding(mesh)
     rows_T = (cfg.data.batch_size, cfg.data.seq_len)
     batch = {"inputs": jax.ShapeDtypeStruct(rows_T, jnp.int32, sharding=batch_sh),

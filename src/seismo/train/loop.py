@@ -30,7 +30,7 @@ from seismo.train import checkpoint as ckpt_lib
 from seismo.train import mesh as mesh_lib
 from seismo.train import optimizer as opt_lib
 from seismo.train.metrics import MetricsWriter, Progress
-from seismo.train.step import TrainState, make_eval_step, make_train_step
+from seismo.train.step import TrainState, make_eval_step, make_train_step, padded_chunks
 
 EXIT_CODES = {"finished": 0, "preempted": 0, "diverged": 3}
 
@@ -69,7 +69,7 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _match_shardings(tree: Any, params: Any, param_sh: Any, fallback: Any) -> Any:
+def match_shardings(tree: Any, params: Any, param_sh: Any, fallback: Any) -> Any:
     """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path
     and has its shape takes that parameter's sharding (Adam's mu and nu); others replicate."""
     by_path = {}
@@ -142,7 +142,7 @@ class Trainer:
         state_shape = jax.eval_shape(init, rng)
         repl = mesh_lib.replicated(self.mesh)
         self.state_sh = TrainState(step=repl, params=param_sh,
-                                   opt_state=_match_shardings(state_shape.opt_state, params_shape, param_sh, repl))
+                                   opt_state=match_shardings(state_shape.opt_state, params_shape, param_sh, repl))
         self._init = jax.jit(init, out_shardings=self.state_sh)
         self._rng = rng
 
@@ -155,21 +155,15 @@ class Trainer:
 
     def evaluate(self, params: Any) -> float:
         """Mean token cross-entropy on the fixed evaluation set (padding rows weigh 0)."""
-        ev = self.eval_set if hasattr(self, "eval_set") else self.data.eval_set()
-        self.eval_set = ev
-        n = len(next(iter(ev.values())))
+        if not hasattr(self, "eval_set"):
+            self.eval_set = self.data.eval_set()
+        n = len(self.eval_set["inputs"])
         div = mesh_lib.batch_divisor(self.mesh)
         chunk = -(-min(n, self.cfg.data.batch_size) // div) * div
+        rows = mesh_lib.host_rows(self.batch_sh, chunk)
         total, count = 0.0, 0.0
-        for start in range(0, n, chunk):
-            part = {k: v[start:start + chunk] for k, v in ev.items()}
-            m = len(part["inputs"])
-            weights = np.zeros(chunk, np.float32)
-            weights[:m] = 1.0
-            part = {k: np.concatenate([v, np.zeros((chunk - m, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
-            rows = mesh_lib.host_rows(self.batch_sh, chunk)
-            local = {k: v[rows] for k, v in part.items()}
-            dev = mesh_lib.put_batch(local, self.batch_sh, chunk)
+        for part, weights in padded_chunks(self.eval_set, chunk):
+            dev = mesh_lib.put_batch({k: v[rows] for k, v in part.items()}, self.batch_sh, chunk)
             w = mesh_lib.put_batch({"w": weights[rows]}, self.batch_sh, chunk)["w"]
             s, c = jax.device_get(self.eval_fn(params, dev, w))
             total, count = total + float(s), count + float(c)
@@ -260,21 +254,28 @@ class _Recorder:
         self.last_probe: dict[str, Any] = {}
         self.logit_history: list[tuple[int, float]] = []
         self.warned = False
+        if tr.probe_step_fn is not None:  # load it now, not in the middle of training
+            from seismo.analysis.extrapolate import logit_trend_warning
+
+            self.logit_trend_warning = logit_trend_warning
 
     def __call__(self, step: int, metrics: dict, probes: dict | None) -> str:
         cfg = self.tr.cfg
-        metrics = jax.device_get(metrics)
+        due = step % cfg.run.log_every == 0 or step == cfg.run.steps
+        # Every step needs only the loss (divergence); the full dict only when a row is due.
+        loss = float(jax.device_get(metrics["loss"]))
+        if due or not np.isfinite(loss):
+            metrics = jax.device_get(metrics)
         if probes is not None:
             probes = jax.device_get(probes)
             self.last_probe = probes
             self.writer.write({"step": step, "probe": True, **probes})
             self._check_logit_trend(step, probes)
-        loss = float(metrics["loss"])
         if not np.isfinite(loss):
             self.writer.write({"step": step, "diverged": True, **metrics,
                                **{f"last_probe/{k}": v for k, v in self.last_probe.items()}})
             return "diverged"
-        if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+        if due:
             now = time.perf_counter()
             dt = (now - self.t_last) / max(step - self.step_last, 1)
             row = {"step": step, **metrics, "tokens": step * self.tokens_per_step, "step_time_s": dt,
@@ -291,10 +292,8 @@ class _Recorder:
         self.logit_history.append((step, float(np.asarray(logits).reshape(-1)[0])))
         if len(self.logit_history) < 4:
             return
-        from seismo.analysis.extrapolate import logit_trend_warning
-
         steps, values = zip(*self.logit_history)
-        msg = logit_trend_warning(list(steps), list(values), self.tr.cfg.run.steps,
+        msg = self.logit_trend_warning(list(steps), list(values), self.tr.cfg.run.steps,
                                   self.tr.cfg.run.logit_warning_threshold)
         if msg:
             self.warned = True
