@@ -43,7 +43,7 @@ from seismo import models
 from seismo.config import Config
 from seismo.train import mesh as mesh_lib
 from seismo.train import optimizer as opt_lib
-from seismo.train.step import TrainState, make_train_step
+from seismo.train.step import TrainState, make_train_step, under_mesh
 
 GiB = 1024**3
 
@@ -228,13 +228,13 @@ def build_abstract_step(cfg: Config, mesh: jax.sharding.Mesh, *, probes: bool | 
     if cfg.data.source.startswith("synthetic"):  # synthetic tasks carry a loss mask
         batch["loss_mask"] = jax.ShapeDtypeStruct(rows_T, jnp.float32, sharding=batch_sh)
     state = _abstract(state_shape, state_sh)
-    steps = {"train": (jax.jit(make_train_step(model, tx, cfg, schedule), in_shardings=(state_sh, batch_sh),
+    steps = {"train": (jax.jit(under_mesh(make_train_step(model, tx, cfg, schedule), mesh), in_shardings=(state_sh, batch_sh),
                                out_shardings=(state_sh, repl), donate_argnums=(0,)), (state, batch))}
     want_probes = cfg.run.probe_every > 0 if probes is None else probes
     if want_probes:
         from seismo.instrument.probes import make_step_probes
 
-        fn = make_train_step(model, tx, cfg, schedule, make_step_probes(model, cfg))
+        fn = under_mesh(make_train_step(model, tx, cfg, schedule, make_step_probes(model, cfg)), mesh)
         steps["probe"] = (jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl, repl),
                                   donate_argnums=(0,)), (state, batch))
     return {"params": params_shape, "state_shardings": state_sh, "steps": steps}

@@ -30,7 +30,7 @@ from seismo.train import checkpoint as ckpt_lib
 from seismo.train import mesh as mesh_lib
 from seismo.train import optimizer as opt_lib
 from seismo.train.metrics import MetricsWriter, Progress
-from seismo.train.step import TrainState, make_eval_step, make_train_step, padded_chunks
+from seismo.train.step import TrainState, make_eval_step, make_train_step, padded_chunks, under_mesh
 
 EXIT_CODES = {"finished": 0, "preempted": 0, "diverged": 3}
 
@@ -111,7 +111,7 @@ class Trainer:
         self.batch_sh = mesh_lib.batch_sharding(self.mesh)
         self._build_state_fns()
         repl = mesh_lib.replicated(self.mesh)  # metrics replicated: every host can fetch them
-        self.step_fn = jax.jit(make_train_step(self.model, self.tx, cfg, self.schedule),
+        self.step_fn = jax.jit(under_mesh(make_train_step(self.model, self.tx, cfg, self.schedule), self.mesh),
                                in_shardings=(self.state_sh, self.batch_sh),
                                out_shardings=(self.state_sh, repl), donate_argnums=(0,))
         self.probe_step_fn = None
@@ -120,10 +120,11 @@ class Trainer:
 
             probe_fn = make_step_probes(self.model, cfg)
         if probe_fn is not None:
-            self.probe_step_fn = jax.jit(make_train_step(self.model, self.tx, cfg, self.schedule, probe_fn),
+            self.probe_step_fn = jax.jit(under_mesh(make_train_step(self.model, self.tx, cfg, self.schedule, probe_fn),
+                                                    self.mesh),
                                          in_shardings=(self.state_sh, self.batch_sh),
                                          out_shardings=(self.state_sh, repl, repl), donate_argnums=(0,))
-        self.eval_fn = jax.jit(make_eval_step(self.model, cfg),
+        self.eval_fn = jax.jit(under_mesh(make_eval_step(self.model, cfg), self.mesh),
                                in_shardings=(self.state_sh.params, self.batch_sh, self.batch_sh),
                                out_shardings=repl)
 

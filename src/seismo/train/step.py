@@ -99,6 +99,31 @@ def make_train_step(
     return step
 
 
+def padded_chunks(batch: Mapping[str, Any], chunk: int):
+    """Split an evaluation set into rows of `chunk` (the last padded with zeros) and yield
+    (part, row_weights) with weight 0 on padding, so one compiled shape serves any size."""
+    import numpy as np
+
+    n = len(next(iter(batch.values())))
+    for start in range(0, n, chunk):
+        part = {k: np.asarray(v[start:start + chunk]) for k, v in batch.items()}
+        m = len(part["inputs"])
+        weights = np.zeros(chunk, np.float32)
+        weights[:m] = 1.0
+        yield {k: np.concatenate([v, np.zeros((chunk - m, *v.shape[1:]), v.dtype)]) for k, v in part.items()}, weights
+
+
+def under_mesh(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
+    """`fn` traced with `mesh` as the abstract mesh in context, so the model can pin its
+    activations' batch axis to (data, fsdp) (seismo.models.transformer.shard_batch)."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def make_eval_step(model: Any, cfg: Config) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, jax.Array]]:
     """Summed token cross-entropy and token count over a batch whose rows carry weights
     (0 for padding rows), so any eval-set size runs with one compiled shape."""
