@@ -32,7 +32,7 @@ from seismo.train import checkpoint as ckpt_lib
 from seismo.train import optimizer as opt_lib
 from seismo.train.loop import RunResult
 from seismo.train.metrics import MetricsWriter, Progress
-from seismo.train.step import TrainState, make_eval_step, make_train_step
+from seismo.train.step import TrainState, make_eval_step, make_train_step, padded_chunks
 
 # The dotted keys a vmapped group may vary (the grouping in seismo.sweep.spec uses the same).
 HPARAMS = VMAPPABLE_KEYS
@@ -117,16 +117,11 @@ class VmappedGroup:
         return (*self._step(state, batch, self.hp), None)
 
     def evaluate(self, params: Any) -> np.ndarray:
-        n = len(self.eval_set["inputs"])
-        chunk = min(n, self.base.data.batch_size)
+        """Each point's mean token cross-entropy on the shared evaluation set."""
+        chunk = min(len(self.eval_set["inputs"]), self.base.data.batch_size)
         total, count = np.zeros(self.n), 0.0
-        for start in range(0, n, chunk):
-            part = {k: v[start:start + chunk] for k, v in self.eval_set.items()}
-            m = len(part["inputs"])
-            w = np.zeros(chunk, np.float32)
-            w[:m] = 1
-            part = {k: np.concatenate([v, np.zeros((chunk - m, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
-            s, c = jax.device_get(self._eval(params, part, w))
+        for part, weights in padded_chunks(self.eval_set, chunk):
+            s, c = jax.device_get(self._eval(params, part, weights))
             total, count = total + np.asarray(s, np.float64), count + float(np.asarray(c)[0])
         return total / max(count, 1.0)
 
