@@ -259,19 +259,27 @@ def get(cfg: Config, dotted: str) -> Any:
 # --------------------------------------------------------------------------- YAML, presets, overrides
 
 
+def read_yaml_mapping(path: Path, kind: str = "config file", shape: str = "of sections",
+                      error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """Safe-load a YAML file that must hold a mapping; missing files, bad YAML and other
+    shapes fail with `error`, naming the file."""
+    if not path.exists():
+        raise error(f"{kind} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: a {kind} must be a mapping {shape}, got {type(data).__name__}")
+    return data
+
+
 def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML file and merge the files its `base:` names (relative to it) underneath."""
     path = path.resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'base' files include each other in a loop: {' -> '.join(map(str, _seen))}")
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]

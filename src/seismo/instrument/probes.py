@@ -73,10 +73,10 @@ def layer_stats(taps: dict[str, jax.Array], offset: int) -> dict[str, jax.Array]
     """Per-layer statistics from the stacked taps (leading axis: layer)."""
     out: dict[str, jax.Array] = {}
     if "resid" in taps:
-        r = taps["resid"].astype(jnp.float32)
-        red = tuple(range(1, r.ndim))
-        out["resid_rms"] = jnp.sqrt(jnp.mean(jnp.square(r), axis=red))
-        out["resid_max"] = jnp.max(jnp.abs(r), axis=red)
+        r = taps["resid"]
+        red = tuple(range(1, r.ndim))  # everything but the layer axis
+        out["resid_rms"] = stats.rms(r, axis=red)
+        out["resid_max"] = stats.max_abs(r, axis=red)
     if "attn_logits" in taps:
         out["attn_logit_max"] = stats.max_attention_logit_per_layer(taps["attn_logits"], offset=offset)["max_abs"]
     if "attn_probs" in taps:
@@ -86,10 +86,10 @@ def layer_stats(taps: dict[str, jax.Array], offset: int) -> dict[str, jax.Array]
         out["attn_sink_mass"] = jnp.mean(
             jax.vmap(lambda q: stats.sink_mass(q, position=offset, offset=offset))(p), axis=-1)
     if "mlp_post" in taps:
-        m = taps["mlp_post"].astype(jnp.float32)
+        m = taps["mlp_post"]
         red = tuple(range(1, m.ndim))
-        out["mlp_rms"] = jnp.sqrt(jnp.mean(jnp.square(m), axis=red))
-        out["mlp_zero_frac"] = jnp.mean((m == 0).astype(jnp.float32), axis=red)
+        out["mlp_rms"] = stats.rms(m, axis=red)
+        out["mlp_zero_frac"] = stats.zero_fraction(m, axis=red).astype(jnp.float32)
     return out
 
 

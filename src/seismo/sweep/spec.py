@@ -106,14 +106,7 @@ def load_sweep_spec(path: str | os.PathLike[str], overrides: Iterable[str] = (),
     `overrides`, `execution` and `workers` come from the command line (`seismo sweep --set`)
     and win over the file."""
     path = Path(path)
-    if not path.exists():
-        raise SweepError(f"sweep file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, Mapping):
-        raise SweepError(f"{path}: a sweep file must be a mapping with base, grid, ...; got {type(raw).__name__}")
+    raw = config_lib.read_yaml_mapping(path, "sweep file", "with base, grid, ...", SweepError)
     spec = spec_from_dict(raw, path=path, overrides=overrides, execution=execution, workers=workers)
     if validate:
         expand(spec)

@@ -34,9 +34,6 @@ from seismo.train.loop import RunResult
 from seismo.train.metrics import MetricsWriter, Progress
 from seismo.train.step import TrainState, make_eval_step, make_train_step, padded_chunks
 
-# The dotted keys a vmapped group may vary (the grouping in seismo.sweep.spec uses the same).
-HPARAMS = VMAPPABLE_KEYS
-
 
 def _with_hparams(cfg: Config, hp: dict[str, Any]) -> Config:
     return dataclasses.replace(
@@ -51,13 +48,13 @@ def check_vmappable(cfgs: Sequence[Config]) -> None:
     ref = config_lib.to_dict(cfgs[0])
     for c in cfgs[1:]:
         d = config_lib.to_dict(c)
-        for key in HPARAMS:
+        for key in VMAPPABLE_KEYS:
             s, f = key.split(".")
             d[s][f] = ref[s][f]
         if d != ref:
             diff = [f"{s}.{k}" for s in ref for k in ref[s] if ref[s][k] != d[s][k]]
             raise ValueError(f"these points cannot be vmapped together: they differ in {', '.join(diff)} "
-                             f"(only {', '.join(HPARAMS)} may differ)")
+                             f"(only {', '.join(VMAPPABLE_KEYS)} may differ)")
 
 
 class VmappedGroup:
@@ -68,7 +65,7 @@ class VmappedGroup:
         self.cfgs, self.base = list(cfgs), cfgs[0]
         self.n = len(cfgs)
         self.model = models.build(self.base.model)
-        self.hp = {k: jnp.asarray([float(config_lib.get(c, k)) for c in cfgs], jnp.float32) for k in HPARAMS}
+        self.hp = {k: jnp.asarray([float(config_lib.get(c, k)) for c in cfgs], jnp.float32) for k in VMAPPABLE_KEYS}
         self.datasets = {}
         for c in cfgs:  # one dataset per distinct seed (batches depend on it)
             if c.run.seed not in self.datasets:

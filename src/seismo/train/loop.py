@@ -109,6 +109,8 @@ class Trainer:
         self.model = models.build(cfg.model)
         self.schedule = opt_lib.schedule(cfg.optimizer, cfg.run.steps)
         self.batch_sh = mesh_lib.batch_sharding(self.mesh)
+        self.rows = mesh_lib.host_rows(self.batch_sh, cfg.data.batch_size)  # this host's rows of a batch
+        self.eval_set = self.data.eval_set()
         self._build_state_fns()
         repl = mesh_lib.replicated(self.mesh)  # metrics replicated: every host can fetch them
         self.step_fn = jax.jit(under_mesh(make_train_step(self.model, self.tx, cfg, self.schedule), self.mesh),
@@ -151,13 +153,10 @@ class Trainer:
         return self._init(self._rng)
 
     def device_batch(self, step: int) -> dict[str, jax.Array]:
-        rows = mesh_lib.host_rows(self.batch_sh, self.cfg.data.batch_size)
-        return mesh_lib.put_batch(self.data.batch(step, rows), self.batch_sh, self.cfg.data.batch_size)
+        return mesh_lib.put_batch(self.data.batch(step, self.rows), self.batch_sh, self.cfg.data.batch_size)
 
     def evaluate(self, params: Any) -> float:
         """Mean token cross-entropy on the fixed evaluation set (padding rows weigh 0)."""
-        if not hasattr(self, "eval_set"):
-            self.eval_set = self.data.eval_set()
         n = len(self.eval_set["inputs"])
         div = mesh_lib.batch_divisor(self.mesh)
         chunk = -(-min(n, self.cfg.data.batch_size) // div) * div

@@ -16,6 +16,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from seismo.config import Config
@@ -102,8 +103,6 @@ def make_train_step(
 def padded_chunks(batch: Mapping[str, Any], chunk: int):
     """Split an evaluation set into rows of `chunk` (the last padded with zeros) and yield
     (part, row_weights) with weight 0 on padding, so one compiled shape serves any size."""
-    import numpy as np
-
     n = len(next(iter(batch.values())))
     for start in range(0, n, chunk):
         part = {k: np.asarray(v[start:start + chunk]) for k, v in batch.items()}
