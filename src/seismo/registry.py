@@ -9,7 +9,7 @@ is caught before anything compiles.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -68,6 +68,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def ordered(self) -> tuple[str, ...]:
+        """The names in the order they were registered."""
+        return tuple(self._items)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
@@ -80,5 +84,3 @@ class Registry(Generic[T]):
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
 
-
-Factory = Callable[..., Any]

@@ -11,11 +11,11 @@ Sources (`data.source`): `stdlib` (the default: the Python standard library, byt
 
 from seismo.data.dataset import Batch, Dataset
 from seismo.data.errors import DataError
-from seismo.data.sources import SOURCES, build
+from seismo.data.sources import SOURCES, batch_fields, build, check_config
 from seismo.data.synthetic import TASKS
-from seismo.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, get_tokenizer
+from seismo.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, get_tokenizer
 
 __all__ = [
-    "SOURCES", "TASKS", "Batch", "ByteTokenizer", "DataError", "Dataset", "SentencePieceTokenizer",
-    "build", "get_tokenizer",
+    "SOURCES", "TASKS", "Batch", "ByteTokenizer", "DataError", "Dataset", "SentencePieceTokenizer", "Tokenizer",
+    "batch_fields", "build", "check_config", "get_tokenizer",
 ]

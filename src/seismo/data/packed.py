@@ -30,7 +30,7 @@ from seismo.config import DataConfig
 from seismo.data import sampler
 from seismo.data.dataset import Batch, Dataset, Split, base_info
 from seismo.data.errors import DataError
-from seismo.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
+from seismo.data.tokenizers import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def split_names(docs: Documents, holdout_fraction: float) -> tuple[list[int], li
     return train, kept, len(held) - len(kept)
 
 
-def pack(docs: Documents, tokenizer: ByteTokenizer | SentencePieceTokenizer,
+def pack(docs: Documents, tokenizer: Tokenizer,
          holdout_fraction: float) -> PackedSplits:
     """Tokenize and pack the documents into a training and a held-out stream."""
     if not docs.names:

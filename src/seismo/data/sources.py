@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from seismo.config import DataConfig
+import numpy as np
+
+from seismo.config import Config, ConfigError, DataConfig
 from seismo.data.corpus import stdlib_source, text_source
 from seismo.data.dataset import Dataset
 from seismo.data.errors import DataError
@@ -25,10 +27,29 @@ SOURCES.register("tfds", tfds_source)
 SOURCES.register("synthetic", synthetic_source)
 
 
+HINT = "Use stdlib, text:<glob>, tfds:<name>[/<config>] or synthetic:<task>"
+
+
+def check_config(cfg: Config) -> None:
+    """The data source's scheme is registered. Raises seismo.config.ConfigError."""
+    scheme = cfg.data.source.split(":", 1)[0]
+    if scheme not in SOURCES:
+        raise ConfigError(f"data.source {cfg.data.source!r}: {SOURCES.unknown_message(scheme)}. {HINT}")
+
+
+def batch_fields(cfg: DataConfig) -> dict[str, np.dtype]:
+    """The arrays of a batch and their dtypes: inputs and targets, and the loss mask of the
+    synthetic tasks (seismo.data.dataset)."""
+    fields = {"inputs": np.dtype(np.int32), "targets": np.dtype(np.int32)}
+    if cfg.source.split(":", 1)[0] == "synthetic":
+        fields["loss_mask"] = np.dtype(np.float32)
+    return fields
+
+
 def build(cfg: DataConfig, seed: int) -> Dataset:
     """The dataset that `cfg.source` names; batches are a pure function of (seed, step, rows)."""
     scheme, _, arg = cfg.source.partition(":")
     if scheme not in SOURCES:
         raise DataError(f"data.source {cfg.source!r}: {SOURCES.unknown_message(scheme)}. "
-                        f"Write stdlib, text:<glob>, tfds:<name>[/<config>] or synthetic:<task>")
+                        f"{HINT}")
     return SOURCES.get(scheme)(arg, cfg, seed)

@@ -100,7 +100,7 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({str(self.path)!r})"
 
 
-def get_tokenizer(spec: str | None) -> ByteTokenizer | SentencePieceTokenizer:
+def get_tokenizer(spec: str | None) -> Tokenizer:
     """`None`, 'bytes' or 'byte': bytes; a path to a `.model` file: SentencePiece."""
     if spec is None or spec in ("bytes", "byte"):
         return ByteTokenizer()

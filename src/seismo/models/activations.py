@@ -7,7 +7,7 @@ a parameter-free module; learnable ones are small modules whose float32 paramete
 stores under the name `activation` (so the optimizer's `activation` group can exclude them from
 weight decay and the probes can find them).
 
-Papers (formulas and defaults in RESEARCH.md section 6):
+Papers (formulas and defaults in docs/methods.md §6):
   GELU      Hendrycks & Gimpel, arXiv 1606.08415 (tanh approximation by default, as Flax and
             Wortsman et al. 2023 use it)
   SELU      Klambauer et al., arXiv 1706.02515
@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seismo import typecheck
 from seismo.registry import Registry, UnknownNameError, nearest
 
 __all__ = [
@@ -138,34 +138,15 @@ def _kwarg_types(fn: Callable[..., Any]) -> dict[str, Any]:
             for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
-def _accepts(value: Any, hint: Any) -> bool:
-    """A shallow check of `value` against a type hint: Literal, unions, bool, int, float, str."""
-    if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:  # ints are fine for floats; bools are not numbers here
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
 def _hint_words(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    """Check `kwargs` for activation `name` before anything compiles.
+def check_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Check `kwargs` for activation `name` before anything compiles; returns them converted
+    where lossless (seismo.typecheck: '1e-3' -> 0.001).
 
     Raises UnknownNameError for an unknown activation, TypeError for an argument the activation
     does not take (naming the valid ones and the nearest), ValueError for a value of the wrong
@@ -174,6 +155,7 @@ def check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     spec = REGISTRY.get(name)
     accepted = _kwarg_types(spec.fn)
     valid = ", ".join(sorted(accepted)) or "none"
+    out = {}
     for key, value in kwargs.items():
         if key not in accepted:
             hint = nearest(key, sorted(accepted))
@@ -181,10 +163,13 @@ def check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
                 f"activation {name!r} has no argument {key!r}."
                 + (f" Did you mean {hint!r}?" if hint else "")
                 + f" Its arguments: {valid}.")
-        if not _accepts(value, accepted[key]):
+        try:
+            out[key] = typecheck.coerce(value, accepted[key], key)
+        except typecheck.TypeMismatch:
             raise ValueError(
                 f"activation {name!r}: argument {key!r} is {value!r}, but it must be "
-                f"{_hint_words(accepted[key])}.")
+                f"{_hint_words(accepted[key])}.") from None
+    return out
 
 
 def make(name: str, /, **kwargs: Any) -> nn.Module:
@@ -193,7 +178,7 @@ def make(name: str, /, **kwargs: Any) -> nn.Module:
     `name=` among the kwargs is the Flax module name (the model uses `name="activation"`).
     """
     module_name = kwargs.pop("name", None)
-    check_kwargs(name, kwargs)
+    kwargs = check_kwargs(name, kwargs)
     spec = REGISTRY.get(name)
     if _is_module_class(spec.fn):
         return spec.fn(**kwargs, name=module_name)
@@ -284,7 +269,7 @@ class SwishBeta(nn.Module):
 
 
 # Pade approximation of LeakyReLU(0.01), degrees (5, 4): `pau/cuda/python_imp/Pade.py`
-# (RESEARCH.md 6.1). F(0) = a0 = 0.0336 is the largest error against LeakyReLU on [-3, 3].
+# (docs/methods.md §6.1). F(0) = a0 = 0.0336 is the largest error against LeakyReLU on [-3, 3].
 PAU_A_INIT = (0.0335583603, 0.505000375, 1.65343934, 2.01001052, 0.931901999, 0.152424124)
 PAU_B_INIT = (3.30847488e-6, 3.98021568, 5.12471206e-7, 0.301830109)
 
@@ -293,7 +278,7 @@ PAU_B_INIT = (3.30847488e-6, 3.98021568, 5.12471206e-7, 0.301830109)
 class PAU(nn.Module):
     """Safe Pade activation unit P(x)/Q(x), degrees (5, 4), LeakyReLU init (arXiv 1907.06732).
 
-    Denominator `version` (RESEARCH.md 0.1 item 3):
+    Denominator `version` (docs/methods.md §0.1 item 3):
       "B"   1 + |sum_k b_k x^k|     the paper's safe PAU (default)
       "A"   1 + sum_k |b_k x^k|     `rational_activations` default
       "abs" 1 + sum_k |b_k| |x|^k   the original `pau` implementation

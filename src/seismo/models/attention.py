@@ -2,11 +2,11 @@
 an explicit attention bias, and rope | alibi positions.
 
     softmax          softmax(q.k * scale + alibi) with causal mask.
-    sigmoid          Ramapuram et al. 2024 (arXiv 2409.04431, RESEARCH.md 2.1):
+    sigmoid          Ramapuram et al. 2024 (arXiv 2409.04431, docs/methods.md §2.1):
                      sigma(q.k / sqrt(d_h) + alibi + b), b a fixed scalar (config
                      `model.sigmoid_bias`, default -log max_seq_len), masked weights exactly
                      0, no row normalisation.
-    clipped_softmax  Bondarenko et al. 2023 (arXiv 2306.12929, RESEARCH.md 7.3):
+    clipped_softmax  Bondarenko et al. 2023 (arXiv 2306.12929, docs/methods.md §7.3):
                      clip((zeta - gamma) softmax + gamma, 0, 1), so exact 0 and 1 are
                      reachable with finite logits.
     gated            Bondarenko et al. 2023: softmax attention whose head h output is
@@ -14,13 +14,13 @@ an explicit attention bias, and rope | alibi positions.
                      attention input, gate bias init `model.gate_bias_init` (logit 0.25).
 
 Options on every kind:
-  * qk-layernorm (`model.qk_norm`, Wortsman et al. 2023, arXiv 2309.14322, RESEARCH.md 1.1):
+  * qk-layernorm (`model.qk_norm`, Wortsman et al. 2023, arXiv 2309.14322, docs/methods.md §1.1):
     LayerNorm of q and k per head over head_dim, the head_dim scales shared across heads, no
     bias, eps `model.norm_eps` (1e-6), applied before rope.
-  * explicit attention bias (`model.attn_bias`, Sun et al. 2024, arXiv 2402.17762, RESEARCH.md
+  * explicit attention bias (`model.attn_bias`, Sun et al. 2024, arXiv 2402.17762, docs/methods.md
     3.2): learnable k', v' per head, init N(0, 0.02), prepended as key/value slot 0 that every
     query sees (no rope, no alibi distance). Attention maps then have S = T + 1 columns.
-  * scale 1/sqrt(d_h), or 1/d_h under muParam (full) (RESEARCH.md 1.5), which also zeroes the
+  * scale 1/sqrt(d_h), or 1/d_h under muParam (full) (docs/methods.md §1.5), which also zeroes the
     initial query kernel.
 
 The logits and weights are float32 whatever the compute dtype. Taps (when the model runs with
@@ -44,9 +44,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seismo.config import ModelConfig
 from seismo.models.linear import Dense, truncated_normal
 from seismo.models.norms import LayerNorm
 from seismo.models.positions import alibi_bias, apply_rope
+from seismo.models.taps import tap
 from seismo.registry import Registry
 
 # weights(z_BxHxTxS float32 (logits + position bias), mask_TxS bool, cfg) -> weights, masked 0
@@ -67,16 +69,16 @@ ATTENTIONS: Registry[AttentionKind] = Registry("attention")
 _NEG = -1e30  # a float32 logit that softmax turns into an exact 0 without inf - inf NaNs
 
 
-def softmax_weights(z: jax.Array, mask: jax.Array, cfg: Any) -> jax.Array:
+def softmax_weights(z: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
     p = jax.nn.softmax(jnp.where(mask, z, _NEG), axis=-1)
     return jnp.where(mask, p, 0.0)
 
 
-def sigmoid_weights(z: jax.Array, mask: jax.Array, cfg: Any) -> jax.Array:
+def sigmoid_weights(z: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.where(mask, jax.nn.sigmoid(z + cfg.resolved_sigmoid_bias), 0.0)
 
 
-def clipped_softmax_weights(z: jax.Array, mask: jax.Array, cfg: Any) -> jax.Array:
+def clipped_softmax_weights(z: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
     p = softmax_weights(z, mask, cfg)
     p = jnp.clip((cfg.clip_zeta - cfg.clip_gamma) * p + cfg.clip_gamma, 0.0, 1.0)
     return jnp.where(mask, p, 0.0)
@@ -99,22 +101,21 @@ def causal_mask(T: int, S: int) -> jax.Array:
     return j <= i
 
 
-def attention_scale(cfg: Any) -> float:
+def attention_scale(cfg: ModelConfig) -> float:
     dh = cfg.resolved_head_dim
     return 1.0 / dh if cfg.mup == "full" else dh**-0.5
 
 
-def tap(module: nn.Module, name: str, value: jax.Array) -> None:
-    """Record `value` (as float32) in the 'taps' collection under `name`, replacing any earlier
-    value; a no-op unless the model is applied with mutable 'taps'."""
-    module.sow("taps", name, value.astype(jnp.float32), init_fn=lambda: None, reduce_fn=lambda _, v: v)
+def key_slots(cfg: ModelConfig) -> int:
+    """Key slots before the sequence: 1 with the explicit attention bias k', v' (slot 0, Sun
+    et al. 2024), else 0. Every reader of attention maps takes the offset from here."""
+    return 1 if cfg.attn_bias else 0
 
 
 class Attention(nn.Module):
     """Causal multi-head self-attention on x [B, T, D] -> [B, T, D]."""
 
-    cfg: Any
-    taps: bool = False
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -137,7 +138,7 @@ class Attention(nn.Module):
         if cfg.positions == "rope":
             q_BxTxHxK = apply_rope(q_BxTxHxK, cfg.rope_base)
             k_BxTxHxK = apply_rope(k_BxTxHxK, cfg.rope_base)
-        if cfg.attn_bias:
+        if key_slots(cfg):
             k_BxSxHxK, v_BxSxHxK = self._prepend_bias_slot(k_BxTxHxK, v_BxTxHxK)
         else:
             k_BxSxHxK, v_BxSxHxK = k_BxTxHxK, v_BxTxHxK
@@ -145,22 +146,19 @@ class Attention(nn.Module):
 
         logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK.astype(jnp.float32),
                                     k_BxSxHxK.astype(jnp.float32)) * attention_scale(cfg)
-        if self.taps:
-            tap(self, "attn_logits", logits_BxHxTxS)
+        tap(self, "attn_logits", logits_BxHxTxS)
         z_BxHxTxS = logits_BxHxTxS
         if cfg.positions == "alibi":
             z_BxHxTxS = z_BxHxTxS + alibi_bias(H, T, S)[None]
         probs_BxHxTxS = kind.weights(z_BxHxTxS, causal_mask(T, S)[None, None], cfg)
-        if self.taps:
-            tap(self, "attn_probs", probs_BxHxTxS)
+        tap(self, "attn_probs", probs_BxHxTxS)
 
         out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(dtype), v_BxSxHxK.astype(dtype))
         if kind.output_gate:
             out_BxTxHxK = out_BxTxHxK * self._gate(x_BxTxD)[..., None].astype(dtype)
         out = Dense(H * dh, D, ("heads", "embed"), cfg.init_std, cfg.use_bias, dtype, name="out")
         y_BxTxD = out(out_BxTxHxK.reshape(B, T, H * dh))
-        if self.taps:
-            tap(self, "attn_out", y_BxTxD)
+        tap(self, "attn_out", y_BxTxD)
         return y_BxTxD
 
     def _prepend_bias_slot(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:

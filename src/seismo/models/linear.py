@@ -2,7 +2,7 @@
 
 Every dense kernel is a 2-D float32 parameter [fan_in, fan_out] named 'kernel' (stacked to
 [layers, fan_in, fan_out] by the layer scan), with logical axis names for sharding. Defaults
-(RESEARCH.md 1.1): truncated normal with standard deviation 1/sqrt(fan_in) (the truncation at
+(docs/methods.md §1.1): truncated normal with standard deviation 1/sqrt(fan_in) (the truncation at
 two standard deviations is compensated, as in `variance_scaling`, so the std is exact);
 `model.init_std` replaces it by one fixed std; biases (only with `model.use_bias`) start at 0.
 The matmul runs in the compute dtype (`model.dtype`); the parameters stay float32.

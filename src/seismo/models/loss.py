@@ -4,7 +4,7 @@
     z_loss  = coef * mean_t (log Z_t)^2
 
 The z-loss keeps log Z near 0; it removes the output-logit divergence of Wortsman et al. 2023
-(arXiv 2309.14322, section 3.2; RESEARCH.md 1.3 and 1.8, coefficient 1e-4 in the paper). The
+(arXiv 2309.14322, section 3.2; docs/methods.md §1.3 and 1.8, coefficient 1e-4 in the paper). The
 mean and max of log Z per step are that paper's Fig. 4 diagnostic. Everything is float32.
 """
 

@@ -11,7 +11,7 @@ The activation comes from `seismo.models.activations.make(model.activation,
 parameters sit under 'activation' (parameter group 'activation').
 
 Neuron thresholds (sparsity studies; Luo et al. 2024, "Sparsing Law", arXiv 2411.02335,
-RESEARCH.md 5.2): neuron i of the hidden layer contributes n_i = h_i W_down[i, :] to the
+docs/methods.md §5.2): neuron i of the hidden layer contributes n_i = h_i W_down[i, :] to the
 output, so ||n_i||_2 = |h_i| ||W_down[i, :]||_2. Given a threshold eps for this layer, the
 neurons with ||n_i||_2 < eps (per token) are set to 0: the CETT construction, whose eps the
 analysis finds by binary search. With no threshold nothing is computed for it.
@@ -23,18 +23,17 @@ neuron threshold), 'mlp_out' [B, T, D] the MLP output.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seismo.config import ModelConfig
 from seismo.models import activations
-from seismo.models.attention import tap
 from seismo.models.linear import Dense
+from seismo.models.taps import tap
 
 
-def is_gated(cfg: Any) -> bool:
+def is_gated(cfg: ModelConfig) -> bool:
     """True when the MLP is a GLU: `model.mlp == 'gated'` or a gated activation."""
     return cfg.mlp == "gated" or activations.is_gated(cfg.activation)
 
@@ -48,8 +47,7 @@ def neuron_output_norms(h_BxTxF: jax.Array, w_down_FxD: jax.Array) -> jax.Array:
 class MLP(nn.Module):
     """x [B, T, D] -> [B, T, D]; `threshold` (a float32 scalar or None) zeroes weak neurons."""
 
-    cfg: Any
-    taps: bool = False
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, threshold: jax.Array | None = None) -> jax.Array:
@@ -70,8 +68,7 @@ class MLP(nn.Module):
             keep = neuron_output_norms(h_BxTxF, down.kernel) >= threshold
             h_BxTxF = jnp.where(keep, h_BxTxF, jnp.zeros_like(h_BxTxF))
         y_BxTxD = down(h_BxTxF)
-        if self.taps:
-            tap(self, "mlp_pre", pre_BxTxF)
-            tap(self, "mlp_post", h_BxTxF)
-            tap(self, "mlp_out", y_BxTxD)
+        tap(self, "mlp_pre", pre_BxTxF)
+        tap(self, "mlp_post", h_BxTxF)
+        tap(self, "mlp_out", y_BxTxD)
         return y_BxTxD

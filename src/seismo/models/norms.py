@@ -11,7 +11,7 @@ stream x:
     pre      x + LS(f(N1(x)))                 GPT-2, Wortsman et al. 2023 (arXiv 2309.14322)
     post     N1(x + LS(f(x)))                 the original Transformer
     hybrid   x + LS(N2(f(N1(x))))             "hybrid norm", Ramapuram et al. 2024 (arXiv
-                                              2409.04431, RESEARCH.md 2.2): stabilises
+                                              2409.04431, docs/methods.md §2.2): stabilises
                                               sigmoid attention's large initial outputs
 
 LS is LayerScale (config `model.layerscale`): a learnable per-channel gamma, init
@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seismo.config import ModelConfig
 from seismo.registry import Registry
 
 NORMS: Registry[type[nn.Module]] = Registry("norm")
@@ -86,7 +87,7 @@ class RMSNorm(nn.Module):
         return y.astype(x.dtype)
 
 
-def make_norm(cfg: Any, name: str, *, axis_name: str | None = "embed") -> nn.Module:
+def make_norm(cfg: ModelConfig, name: str, *, axis_name: str | None = "embed") -> nn.Module:
     """The norm `cfg.norm` (eps `cfg.norm_eps`, bias iff `cfg.use_bias`) as a module `name`."""
     return NORMS.get(cfg.norm)(eps=cfg.norm_eps, use_bias=cfg.use_bias, axis_name=axis_name, name=name)
 
@@ -103,7 +104,7 @@ class LayerScale(nn.Module):
         return x * gamma.astype(x.dtype)
 
 
-def residual(cfg: Any, prefix: str, x: jax.Array, sublayer: Any) -> jax.Array:
+def residual(cfg: ModelConfig, prefix: str, x: jax.Array, sublayer: Any) -> jax.Array:
     """One sublayer on the residual stream, with the configured norm placement and LayerScale.
 
     Call it inside a compact method: the norms it makes (`{prefix}_norm`, `{prefix}_post_norm`

@@ -6,7 +6,7 @@
     alibi    Press et al. 2021, ALiBi (arXiv 2108.12409): add -m_h * (i - j) to the logits,
              slopes m_h geometric (2^(-8/H), 2^(-16/H), ...; the standard interleaving for a
              head count that is not a power of two). The sigmoid-attention LMs of Ramapuram
-             et al. 2024 use it (RESEARCH.md 2.1); sigmoid is not shift-invariant, so the full
+             et al. 2024 use it (docs/methods.md §2.1); sigmoid is not shift-invariant, so the full
              offsets are used, never a shifted variant.
     learned  GPT-2: a [max_seq_len, d_model] table added to the token embeddings (made in
              transformer.py; group 'embedding').
@@ -20,8 +20,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-POSITIONS = ("rope", "alibi", "learned", "none")
 
 
 def rope_angles(positions_T: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:

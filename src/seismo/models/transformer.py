@@ -5,9 +5,9 @@
     logits_BxTxV, taps = model.apply(params, tokens_BxT)  # taps == {} unless taps=True
     axes = model.param_axes()                             # logical axis names, no real init
 
-The defaults follow Wortsman et al. 2023 (arXiv 2309.14322, RESEARCH.md 1.1): pre-LN, no
+The defaults follow Wortsman et al. 2023 (arXiv 2309.14322, docs/methods.md §1.1): pre-LN, no
 biases, RoPE, GELU MLP of width 4d, untied head, embedding N(0, 1/d), kernels truncated normal
-1/sqrt(fan_in). muParam (full) (RESEARCH.md 1.5) sets the head init std to
+1/sqrt(fan_in). muParam (full) (docs/methods.md §1.5) sets the head init std to
 sqrt(base_fan_in) / fan_in (base_fan_in = `model.mup_base_width`), the attention scale to 1/d_h
 and the initial query kernel to zero; its per-layer LRs live in the optimizer.
 
@@ -51,10 +51,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seismo.models.attention import Attention, tap
+from seismo.config import ModelConfig
+from seismo.models.attention import Attention
 from seismo.models.linear import Dense
 from seismo.models.mlp import MLP
 from seismo.models.norms import LAYERSCALE_MODULES, NORM_MODULES, make_norm, residual
+from seismo.models.taps import COLLECTION, tap
 
 TAP_NAMES = ("embed", "resid", "attn_logits", "attn_probs", "attn_out", "mlp_pre", "mlp_post", "mlp_out", "logits")
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
@@ -76,17 +78,15 @@ class Block(nn.Module):
     """One transformer block on the residual stream x [B, T, D]. Returns (x, None) so that
     the same module serves as the body of `nn.scan`."""
 
-    cfg: Any
-    taps: bool = False
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, threshold: jax.Array | None = None) -> tuple[jax.Array, None]:
         cfg = self.cfg
-        x_BxTxD = residual(cfg, "attn", x_BxTxD, Attention(cfg, self.taps, name="attn"))
-        mlp = MLP(cfg, self.taps, name="mlp")
+        x_BxTxD = residual(cfg, "attn", x_BxTxD, Attention(cfg, name="attn"))
+        mlp = MLP(cfg, name="mlp")
         x_BxTxD = residual(cfg, "mlp", x_BxTxD, lambda h: mlp(h, threshold))
-        if self.taps:
-            tap(self, "resid", x_BxTxD)
+        tap(self, "resid", x_BxTxD)
         return shard_batch(x_BxTxD), None
 
 
@@ -118,8 +118,7 @@ class Transformer(nn.Module):
     """tokens [B, T] int -> logits [B, T, V] float32. `thresholds_L`: per-layer neuron
     thresholds (mlp.py) or None."""
 
-    cfg: Any
-    taps: bool = False
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, thresholds_L: jax.Array | None = None) -> jax.Array:
@@ -138,20 +137,19 @@ class Transformer(nn.Module):
             x_BxTxD = x_BxTxD + pos(jnp.arange(T))[None]
         x_BxTxD = shard_batch(x_BxTxD.astype(dtype))
         record = _TopTaps(name="top")  # a scope of its own: 'embed' is also the table's module name
-        if self.taps:
-            record("embed", x_BxTxD)
+        record("embed", x_BxTxD)
 
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            blocks = nn.scan(block, variable_axes={"params": 0, "taps": 0}, split_rngs={"params": True},
+            blocks = nn.scan(block, variable_axes={"params": 0, COLLECTION: 0}, split_rngs={"params": True},
                              in_axes=0, length=L, metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxTxD, _ = blocks(cfg, self.taps, name="blocks")(x_BxTxD, thresholds_L)
+            x_BxTxD, _ = blocks(cfg, name="blocks")(x_BxTxD, thresholds_L)
         else:
             for i in range(L):
                 thr = None if thresholds_L is None else thresholds_L[i]
-                x_BxTxD, _ = block(cfg, self.taps, name=f"block_{i}")(x_BxTxD, thr)
+                x_BxTxD, _ = block(cfg, name=f"block_{i}")(x_BxTxD, thr)
 
         if cfg.norm_placement in ("pre", "hybrid"):
             x_BxTxD = make_norm(cfg, "final_norm")(x_BxTxD)
@@ -162,8 +160,7 @@ class Transformer(nn.Module):
             head = Dense(D, V, ("embed", "vocab"), head_std, cfg.use_bias, dtype, out_dtype=jnp.float32, name="head")
             logits_BxTxV = head(x_BxTxD)
         logits_BxTxV = shard_batch(logits_BxTxV)
-        if self.taps:
-            record("logits", logits_BxTxV)
+        record("logits", logits_BxTxV)
         return logits_BxTxV
 
 
@@ -173,7 +170,7 @@ class Transformer(nn.Module):
 class Model:
     """A built model: `init`, `apply` and `param_axes` (module docstring)."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         # Jitted once per model: eager Flax init and apply dispatch op by op and recompile the
         # layer scan on every call; inside an outer jit these inner jits are simply inlined.
@@ -203,11 +200,11 @@ class Model:
         return nn.meta.unbox(Transformer(self.cfg).init(rng, tokens_BxT)["params"])
 
     def _apply_impl(self, params: Any, tokens_BxT: jax.Array, thr: jax.Array | None, *, taps: bool):
-        module = Transformer(self.cfg, taps=taps)
+        module = Transformer(self.cfg)
         if not taps:
             return module.apply({"params": params}, tokens_BxT, thr), {}
-        logits, state = module.apply({"params": params}, tokens_BxT, thr, mutable=["taps"])
-        return logits, flatten_taps(state["taps"], self.cfg)
+        logits, state = module.apply({"params": params}, tokens_BxT, thr, mutable=[COLLECTION])
+        return logits, flatten_taps(state[COLLECTION], self.cfg)
 
     def param_axes(self) -> dict[str, Any]:
         """Logical axis names of every parameter: a tree shaped like the params whose leaves
@@ -231,12 +228,12 @@ class Model:
         return f"Model(d_model={c.d_model}, n_layers={c.n_layers}, n_heads={c.n_heads}, attention={c.attention!r})"
 
 
-def build(cfg: Any) -> Model:
+def build(cfg: ModelConfig) -> Model:
     """The model of a `ModelConfig`."""
     return Model(cfg)
 
 
-def flatten_taps(tree: dict[str, Any], cfg: Any) -> dict[str, jax.Array]:
+def flatten_taps(tree: dict[str, Any], cfg: ModelConfig) -> dict[str, jax.Array]:
     """{name: array} from the 'taps' collection: the model's own taps ('embed', 'logits') as
     they are, the blocks' taps stacked over layers [L, ...] (scanned or unrolled)."""
 

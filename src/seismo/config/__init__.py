@@ -18,17 +18,18 @@ that says what to change. All of it happens in `load`/`from_dict`, before any JA
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import os
-import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
+from seismo import typecheck
 from seismo.registry import nearest
 
 
@@ -41,7 +42,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only transformer. Defaults follow Wortsman et al. 2023 (RESEARCH.md 1.1)
+    """Decoder-only transformer. Defaults follow Wortsman et al. 2023 (docs/methods.md §1.1)
     except `qk_norm`, which presets turn on explicitly."""
 
     vocab_size: int = 256  # bytes by default (the byte tokenizer uses id 0 as EOS)
@@ -76,7 +77,7 @@ class ModelConfig:
     # init and parametrisation
     init_std: float | None = None  # None: truncated normal 1/sqrt(fan_in)
     embed_init_std: float | None = None  # None: 1/sqrt(d_model)
-    mup: Literal["off", "simple", "full"] = "off"  # muParam (RESEARCH.md 1.5)
+    mup: Literal["off", "simple", "full"] = "off"  # muParam (docs/methods.md §1.5)
     mup_base_width: int = 256
     # execution
     scan_layers: bool = True
@@ -122,7 +123,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW recipe of Wortsman et al. 2023 (RESEARCH.md 1.1, 1.4, 1.8)."""
+    """AdamW recipe of Wortsman et al. 2023 (docs/methods.md §1.1, 1.4, 1.8)."""
 
     lr: float = 1e-3  # the peak learning rate
     b1: float = 0.9
@@ -187,8 +188,10 @@ SECTIONS: dict[str, type] = {
     "mesh": MeshConfig,
 }
 
-# The configs/ folder of a source checkout; SEISMO_CONFIGS overrides it.
-CONFIG_ROOT = Path(os.environ.get("SEISMO_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+# The presets and studies that ship inside the package (seismo/configs, package data, so an
+# installed wheel has them too; the checkout's top-level configs/ links there). SEISMO_CONFIGS
+# points elsewhere.
+CONFIG_ROOT = Path(os.environ.get("SEISMO_CONFIGS") or str(importlib.resources.files("seismo") / "configs"))
 
 
 # --------------------------------------------------------------------------- public API
@@ -200,11 +203,24 @@ def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = 
     raw: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
-        path = Path(path)
+        path = find_file(path)
         raw = read_yaml_tree(path)
         origin = str(path)
     raw = apply_overrides(raw, overrides)
     return from_dict(raw, origin=origin)
+
+
+def find_file(path: str | os.PathLike[str]) -> Path:
+    """`path` itself when it exists; else the file of that name among the configs that ship
+    with seismo (`CONFIG_ROOT`, '.yaml' optional): `tiny`, `studies/qk_layernorm`. This is how
+    an installed seismo, away from a checkout, finds its presets and studies."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    for candidate in (CONFIG_ROOT / p, CONFIG_ROOT / p.with_name(p.name + ".yaml")):
+        if candidate.is_file():
+            return candidate
+    return p
 
 
 def from_dict(raw: Mapping[str, Any], origin: str = "config") -> Config:
@@ -402,83 +418,19 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, origin: str) -> An
     return cls(**kwargs)
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
-    """Check `value` against the annotation `tp`; convert where lossless (int -> float, list -> tuple)."""
-    err = ConfigError(f"{origin}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    o = get_origin(tp)
-    if tp is Any:
-        return value
-    if o is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
-            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
-        if value in get_args(tp) and not isinstance(value, bool):
-            return value
-        hint = nearest(str(value), [str(a) for a in get_args(tp)])
-        extra = f" Did you mean {hint!r}?" if hint else ""
-        raise ConfigError(f"{origin}: {key} must be one of {_type_name(tp)}, got {value!r}.{extra}")
-    if o in (typing.Union, types.UnionType):
-        for a in get_args(tp):
-            if a is type(None) and value is None:
-                return None
-        for a in get_args(tp):
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key, origin)
-            except ConfigError:
-                continue
-        raise err
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise err
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise err
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads '1e-3' as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise err from None
-        raise err
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise err
-    if o in (Sequence, list, tuple, typing.Sequence):
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise err
-        (inner,) = get_args(tp)[:1] or (Any,)
-        return tuple(_coerce(v, inner, f"{key}[{i}]", origin) for i, v in enumerate(value))
-    if o in (Mapping, dict, typing.Mapping):
-        if not isinstance(value, Mapping):
-            raise err
-        return dict(value)
-    return value
+    try:
+        return typecheck.coerce(value, tp, key)
+    except typecheck.TypeMismatch as e:
+        raise ConfigError(f"{origin}: {e}") from None
 
 
 # --------------------------------------------------------------------------- consistency
 
 
 def validate(cfg: Config, origin: str = "config") -> None:
-    """Checks that need more than one field, or the registries. Raises ConfigError."""
+    """Checks that need more than one field. Raises ConfigError. (Registered names, such as
+    the activation, are checked by the layer that owns them: seismo.train.engine.check_config.)"""
     m, d, o, r, mesh = cfg.model, cfg.data, cfg.optimizer, cfg.run, cfg.mesh
 
     def fail(msg: str) -> None:
@@ -539,30 +491,7 @@ def validate(cfg: Config, origin: str = "config") -> None:
             fail(f"{name} must be a positive size or -1 (inferred), got {v}")
     if mesh.tensor > 1 and m.n_heads % mesh.tensor:
         fail(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({mesh.tensor})")
-    _validate_registries(cfg, fail)
 
 
 # Parameter groups (seismo.models.param_groups) that optimizer.decay_exclude may name.
 DECAY_GROUPS = ("kernel", "embedding", "norm", "bias", "activation", "attn_bias", "layerscale")
-
-
-def _validate_registries(cfg: Config, fail: Any) -> None:
-    """Registered names (data source, activation, norm, attention) and activation kwargs, checked
-    without compiling anything."""
-    from seismo.data import SOURCES
-    from seismo.models import activations, attention, norms
-
-    scheme = cfg.data.source.split(":", 1)[0]
-    if scheme not in SOURCES:
-        fail(f"data.source {cfg.data.source!r}: {SOURCES.unknown_message(scheme)}. "
-             f"Use stdlib, text:<glob>, tfds:<name>[/<config>] or synthetic:<task>")
-    m = cfg.model
-    for key, reg in [("model.activation", activations.REGISTRY), ("model.norm", norms.NORMS),
-                     ("model.attention", attention.ATTENTIONS)]:
-        name = get(cfg, key)
-        if name not in reg:
-            fail(f"{key}: {reg.unknown_message(name)}")
-    try:
-        activations.check_kwargs(m.activation, dict(m.activation_kwargs))
-    except (TypeError, ValueError) as e:
-        fail(f"model.activation_kwargs: {e}")

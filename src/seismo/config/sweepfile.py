@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import re
-import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,16 +38,16 @@ import numpy as np
 import yaml
 
 from seismo import config as config_lib
+from seismo import typecheck
 from seismo.config import Config, ConfigError
 from seismo.registry import nearest
+from seismo.rundir import RUNS_DIR, SPEC_FILE
 
 # Hyperparameters a vmapped group may vary: each is a traced scalar in one compiled step.
 VMAPPABLE_KEYS = ("optimizer.lr", "optimizer.weight_decay", "loss.z_loss", "run.seed")
 EXECUTION_MODES = ("sequential", "parallel", "vmap")
 FILE_KEYS = ("name", "description", "base", "set", "grid", "execution", "workers", "report")
 REPORT_KEYS = ("pair", "logit_step", "lr_key")
-SPEC_FILE = "sweep.yaml"  # the self-contained copy a sweep directory keeps (write_spec)
-RUNS_DIR = "runs"  # a point's run directory: <sweep dir>/runs/<point name>/
 MAX_NAME = 180  # characters; file names stop at 255 bytes
 
 
@@ -104,8 +103,9 @@ def load_sweep_spec(path: str | os.PathLike[str], overrides: Iterable[str] = (),
     """Read and check a sweep file; with `validate`, build every point's config now.
 
     `overrides`, `execution` and `workers` come from the command line (`seismo sweep --set`)
-    and win over the file."""
-    path = Path(path)
+    and win over the file. `path` may name a study that ships with seismo
+    (`studies/qk_layernorm`, seismo.config.find_file)."""
+    path = config_lib.find_file(path)
     raw = config_lib.read_yaml_mapping(path, "sweep file", "with base, grid, ...", SweepError)
     spec = spec_from_dict(raw, path=path, overrides=overrides, execution=execution, workers=workers)
     if validate:
@@ -261,25 +261,17 @@ def _field_type(key: str) -> Any:
 
 
 def normalize_value(key: str, value: Any, where: str = "sweep") -> Any:
-    """Numbers for numeric keys ('3e-3', which YAML reads as a string, becomes 0.003); a
-    value that cannot be a number fails here, naming the key."""
+    """A grid value checked against its field's type (seismo.typecheck, the check configs
+    use) and converted where lossless: '3e-3', which YAML reads as a string, becomes 0.003.
+    Whole sections (preset names) and list or mapping values are checked when each point's
+    config is built."""
     tp = _field_type(key)
-    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    if value is None or isinstance(value, bool) or not ({int, float} & set(args)):
+    if tp is Any or typing.get_origin(tp) in (Sequence, Mapping, list, tuple, dict):
         return value
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            raise SweepError(f"{where}: {key} must be a number, got {value!r}") from None
-        value = number
-    if not isinstance(value, (int, float)):
-        raise SweepError(f"{where}: {key} must be a number, got {value!r}")
-    if float in args:
-        return float(value)
-    if float(value).is_integer():
-        return int(value)
-    raise SweepError(f"{where}: {key} must be a whole number, got {value!r}")
+    try:
+        return typecheck.coerce(value, tp, key)
+    except typecheck.TypeMismatch as e:
+        raise SweepError(f"{where}: {e}") from None
 
 
 def format_override_value(value: Any) -> str:
