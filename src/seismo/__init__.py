@@ -16,7 +16,13 @@ The notebook API, importable from `seismo` (heavy modules load on first use):
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and IDEs
+    from seismo import analysis, config, data, instrument, models, registry, sweep, train
+    from seismo.analysis import load_run, load_sweep, report
+    from seismo.analysis.checkpoints import analyze_run as analyze
+    from seismo.sweep.runner import run_sweep
 
 __version__ = "0.1.0"
 
@@ -25,10 +31,12 @@ _FUNCTIONS = {
     "load_run": ("seismo.analysis", "load_run"),
     "load_sweep": ("seismo.analysis", "load_sweep"),
     "report": ("seismo.analysis", "report"),
-    "analyze": ("seismo.instrument.analyze", "analyze_run"),
+    "analyze": ("seismo.analysis.checkpoints", "analyze_run"),
     "run_sweep": ("seismo.sweep.runner", "run_sweep"),
 }
-__all__ = [*_SUBMODULES, *_FUNCTIONS, "__version__"]
+__all__ = ["__version__", "analysis", "analyze", "config", "data", "instrument", "load_run", "load_sweep",
+           "models", "registry", "report", "run_sweep", "sweep", "train"]
+assert set(__all__) == {*_SUBMODULES, *_FUNCTIONS, "__version__"}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,12 @@ the newest checkpoint. Exit status: 0 finished or preempted (resumable), 3 diver
 """
 
 
+def _analysis_names() -> tuple[str, ...]:
+    from seismo.instrument.tables import GROUPS  # the registry of checkpoint-analysis tables
+
+    return GROUPS.ordered()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seismo",
@@ -59,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "RUN_DIR/analysis/*.csv; re-running skips analysed checkpoints.")
     a.add_argument("run_dir", help="a run directory written by seismo train")
     a.add_argument("--probes", nargs="*", default=None, metavar="NAME",
-                   help="analyses to run: massive sparsity outliers attention weights rank activation (default: all)")
+                   help="analyses to run, of: " + ", ".join(_analysis_names()) + " (default: all)")
     a.add_argument("--eval-sequences", type=int, default=None, help="evaluation sequences (default: 16)")
 
     r = sub.add_parser("report", help="figures and report.md for a run or a sweep",
@@ -99,7 +105,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"sweep written to {out}")
         return 0
     if args.command == "analyze":
-        from seismo.instrument.analyze import analyze_run
+        from seismo.analysis.checkpoints import analyze_run
 
         out = analyze_run(args.run_dir, probes=args.probes, eval_sequences=args.eval_sequences)
         print(f"analysis tables written to {out}")

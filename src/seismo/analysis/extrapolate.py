@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-DIVERGENCE_LOGIT = 1e4  # every run above this diverged in the paper's sweep (§3.1)
+from seismo.instrument.trend import DIVERGENCE_LOGIT
 
 
 def _fit(n: np.ndarray, logit: np.ndarray, space: str) -> np.ndarray:
@@ -107,43 +107,3 @@ def extrapolate_logits(
 def fitted_curve(coefs: Sequence[float], n_grid: np.ndarray, space: str = "loglog") -> np.ndarray:
     """The fitted logit on a grid of parameter counts (for plotting)."""
     return _predict(np.asarray(coefs, dtype=float), n_grid, space)
-
-
-def logit_trend_warning(
-    steps: Sequence[float],
-    logits: Sequence[float],
-    total_steps: int,
-    threshold: float = DIVERGENCE_LOGIT,
-    window: int = 8,
-    min_points: int = 4,
-) -> str | None:
-    """A warning when the recent trend of the max attention logit crosses `threshold` before
-    `total_steps`, else None.
-
-    The trend is a least-squares line of log(logit) against step over the last `window`
-    finite probe points (exponential growth, the way logits run away). A flat or falling
-    trend never warns; a logit already above the threshold always does. It is a heuristic
-    for an early look, not a verdict: read it beside the loss."""
-    s = np.asarray(steps, dtype=float)
-    v = np.asarray(logits, dtype=float)
-    ok = np.isfinite(s) & np.isfinite(v) & (v > 0)
-    s, v = s[ok][-window:], v[ok][-window:]
-    if not len(s):
-        return None
-    now, last = s[-1], v[-1]
-    where = f"layer-0 max attention logit {last:.3g} at step {now:.0f}"
-    advice = ("runs whose logit exceeded 1e4 diverged in Wortsman et al. 2023 (arXiv 2309.14322); "
-              "qk-layernorm (model.qk_norm=true) or a lower LR keeps it down")
-    if last > threshold:
-        return f"{where} is above {threshold:.3g}: {advice}"
-    if len(s) < min_points or np.ptp(s) == 0:
-        return None
-    slope, intercept = np.polyfit(s, np.log(v), 1)
-    if slope <= 0:
-        return None
-    cross = (math.log(threshold) - intercept) / slope
-    if cross > total_steps:
-        return None
-    doubling = math.log(2) / slope
-    return (f"{where} doubles every {doubling:.0f} steps; at this rate it crosses {threshold:.3g} "
-            f"near step {max(cross, now):.0f} of {total_steps}: {advice}")

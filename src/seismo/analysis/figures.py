@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D
 
 from seismo.analysis.extrapolate import DIVERGENCE_LOGIT, fitted_curve
 from seismo.analysis.sensitivity import clamp_losses
-from seismo.sweep.spec import format_value
+from seismo.config.sweepfile import format_value
 
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from seismo import rundir
 from seismo.analysis import figures
 from seismo.analysis.extrapolate import extrapolate_logits
 from seismo.analysis.runs import Run, _collect, _spec_of, load_run, summarize
-from seismo.sweep.spec import format_value
+from seismo.config.sweepfile import format_value
+from seismo.rundir import FIGURES_DIR
 
-FIGURES_DIR = "figures"
 REPORT_FILE = "report.md"
 HEATMAP_METRICS = ("attn_logit_max", "resid_rms", "attn_entropy", "attn_sink_mass", "mlp_zero_frac")
 
@@ -74,12 +75,12 @@ class _Doc:
 
 def report(path: str | os.PathLike[str]) -> Path:
     """Write figures/*.png and report.md into a run or sweep directory; returns report.md."""
-    from seismo.sweep.spec import RUNS_DIR, SPEC_FILE
+    from seismo.config.sweepfile import RUNS_DIR, SPEC_FILE
 
     path = Path(path)
     if (path / SPEC_FILE).exists() or (path / RUNS_DIR).is_dir():
         return sweep_report(path)
-    if (path / "config.yaml").exists():
+    if (path / rundir.CONFIG_FILE).exists():
         return run_report(path)
     raise FileNotFoundError(f"{path} is neither a run directory (config.yaml) nor a sweep directory "
                             f"({SPEC_FILE} or {RUNS_DIR}/)")
@@ -91,7 +92,7 @@ write_report = report
 def _pick_pair(results: pd.DataFrame, runs: dict[str, Run], spec: Any) -> dict[str, Run]:
     """The runs of the report.pair selectors; by default the runs with the highest and the
     lowest layer-0 max logit (the calmest and the most violent of the sweep)."""
-    from seismo.sweep.spec import matches
+    from seismo.config.sweepfile import matches
 
     keys = spec.grid_keys if spec is not None else []
     chosen: list[str] = []

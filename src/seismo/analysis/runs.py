@@ -1,6 +1,6 @@
 """Run and sweep directories as tidy pandas tables, for notebooks and `seismo report`.
 
-A run directory (the unit of record, DESIGN.md) holds `config.yaml`, `metrics.jsonl` (train,
+A run directory (the unit of record, seismo.rundir) holds `config.yaml`, `metrics.jsonl` (train,
 eval, probe, divergence, preemption and warning rows), `status.json`, `checkpoints/` and
 `analysis/*.csv`. A sweep directory holds `sweep.yaml` (the self-contained spec) and one run
 directory per point under `runs/<point name>/`. `collect_results` turns a sweep into one row
@@ -28,26 +28,21 @@ import pandas as pd
 import yaml
 
 from seismo.analysis.sensitivity import sensitivity_table
+from seismo.rundir import (
+    ANALYSIS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RUNS_DIR,
+    SPEC_FILE,
+    STATUS_FILE,
+    row_kind,
+)
 
 PathLike = str | os.PathLike[str]
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.csv"
 GRAD_RMS_WINDOW = 500  # steps: Wortsman averages gradient RMS over the final 500 steps (§3.4)
 SEED_KEY = "run.seed"
-
-
-def _row_kind(row: Mapping[str, Any]) -> str:
-    if row.get("diverged"):
-        return "divergence"
-    if row.get("preempted"):
-        return "preemption"
-    if "warning" in row:
-        return "warning"
-    if row.get("probe"):
-        return "probe"
-    if "eval_loss" in row:
-        return "eval"
-    return "train"
 
 
 def read_metrics(path: PathLike) -> tuple[list[dict[str, Any]], int]:
@@ -70,7 +65,7 @@ def read_metrics(path: PathLike) -> tuple[list[dict[str, Any]], int]:
         if not isinstance(row, dict) or "step" not in row:
             skipped += 1
             continue
-        kind = _row_kind(row)
+        kind = row_kind(row)
         rows.pop((kind, row["step"]), None)  # keep file order of the newest copy
         rows[(kind, row["step"])] = row
     return list(rows.values()), skipped
@@ -110,7 +105,7 @@ class Run:
     def _by_kind(self) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
         for r in self.rows:
-            out.setdefault(_row_kind(r), []).append(r)
+            out.setdefault(row_kind(r), []).append(r)
         return out
 
     def _rows(self, kind: str) -> list[dict[str, Any]]:
@@ -213,12 +208,12 @@ class Run:
         return out
 
     def analysis_tables(self) -> list[str]:
-        folder = self.path / "analysis"
+        folder = self.path / ANALYSIS_DIR
         return sorted(p.stem for p in folder.glob("*.csv")) if folder.exists() else []
 
     def analysis(self, name: str) -> pd.DataFrame:
         """The table analysis/<name>.csv written by `seismo analyze`."""
-        path = self.path / "analysis" / f"{name}.csv"
+        path = self.path / ANALYSIS_DIR / f"{name}.csv"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist. Tables here: {', '.join(self.analysis_tables()) or 'none'}"
                                     f" (run `seismo analyze {self.path}` to write them)")
@@ -228,13 +223,13 @@ class Run:
 def load_run(path: PathLike) -> Run:
     """Read a run directory written by `seismo train` (or one that is still being written)."""
     path = Path(path)
-    cfg_path = path / "config.yaml"
+    cfg_path = path / CONFIG_FILE
     if not cfg_path.exists():
         raise FileNotFoundError(f"{path} is not a run directory: it has no config.yaml")
     config = yaml.safe_load(cfg_path.read_text()) or {}
-    rows, skipped = read_metrics(path / "metrics.jsonl")
+    rows, skipped = read_metrics(path / METRICS_FILE)
     try:
-        status = json.loads((path / "status.json").read_text())
+        status = json.loads((path / STATUS_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         status = None
     return Run(path=path, config=config, rows=rows, status_file=status, skipped_lines=skipped)
@@ -352,7 +347,7 @@ class Sweep:
 
 
 def _spec_of(sweep_dir: Path) -> Any:
-    from seismo.sweep.spec import SPEC_FILE, load_sweep_spec
+    from seismo.config.sweepfile import load_sweep_spec
 
     path = sweep_dir / SPEC_FILE
     return load_sweep_spec(path, validate=False) if path.exists() else None
@@ -383,7 +378,7 @@ def collect_results(sweep_dir: PathLike, spec: Any = None, logit_step: int | str
 
 def _collect(sweep_dir: Path, spec: Any, logit_step: int | str | None,
              write: bool) -> tuple[pd.DataFrame, list[str], dict[str, Run]]:
-    from seismo.sweep.spec import RUNS_DIR, expand
+    from seismo.config.sweepfile import expand
 
     spec = spec if spec is not None else _spec_of(sweep_dir)
     if logit_step is None:
@@ -392,9 +387,9 @@ def _collect(sweep_dir: Path, spec: Any, logit_step: int | str | None,
         keys = spec.grid_keys
         grid = {p.name: p.values for p in expand(spec, validate=False)}
         runs = {name: load_run(sweep_dir / RUNS_DIR / name) for name in grid
-                if (sweep_dir / RUNS_DIR / name / "config.yaml").exists()}
+                if (sweep_dir / RUNS_DIR / name / CONFIG_FILE).exists()}
     else:
-        runs = {p.name: load_run(p) for p in sorted((sweep_dir / RUNS_DIR).glob("*/")) if (p / "config.yaml").exists()}
+        runs = {p.name: load_run(p) for p in sorted((sweep_dir / RUNS_DIR).glob("*/")) if (p / CONFIG_FILE).exists()}
         grid = _infer_grid(runs)
         keys = sorted({k for g in grid.values() for k in g})
     rows = []
@@ -429,7 +424,6 @@ def summarize(results: pd.DataFrame, grid_keys: Sequence[str], lr_key: str = "op
 def load_sweep(path: PathLike, logit_step: int | str | None = None) -> Sweep:
     """Read a sweep directory (written by `seismo sweep`): spec, runs, results, summary.
     Nothing is written; `collect_results` writes results.csv and summary.csv."""
-    from seismo.sweep.spec import RUNS_DIR
 
     path = Path(path)
     if not (path / RUNS_DIR).is_dir():

@@ -4,7 +4,7 @@
 
 ℓ(A(η)) is the final validation loss of the run trained with peak LR η, ℓ0 the loss at
 initialisation. A diverged run (NaN or inf loss) counts as ℓ0: that is what the clamp is for.
-The expectation is the plain mean over the LR grid (RESEARCH.md 1.2). The paper's caveat
+The expectation is the plain mean over the LR grid (docs/methods.md §1.2). The paper's caveat
 holds: read it beside the LR-vs-loss curves, never alone.
 """
 

@@ -4,10 +4,9 @@ The functions here are plain functions on arrays (numpy or jax), traceable by `j
 the same call works in a notebook on a saved activation and inside the jitted step on the
 model's taps. Definitions and where each metric is logged: docs/metrics.md.
 
-Over checkpoints (docs/analysis.md): `analyze_run(run_dir)` writes RUN_DIR/analysis/*.csv,
-`probe(model, params, tokens)` gives the same tables for any params and batch,
-`fit_massive_dynamics_table(run_dir)` fits Eq. 9 per layer, `read_table(run_dir, name)` reads
-a table back. These are imported on first use (they pull in pandas and the data pipeline).
+The tables over saved checkpoints are built from these functions by seismo.analysis.checkpoints
+(`seismo.analysis.analyze_run`, docs/analysis.md); the in-step probes are in
+seismo.instrument.probes.
 """
 
 from seismo.instrument.dynamics_fit import (
@@ -52,23 +51,11 @@ from seismo.instrument.stats import (
 )
 from seismo.instrument.weights import condition_number, effective_rank, singular_values
 
-_ANALYZE = ("analyze_run", "fit_massive_dynamics_table", "probe", "read_table")
-
-
-def __getattr__(name: str):
-    if name in _ANALYZE:  # lazy: the training step imports this package and needs none of it
-        from seismo.instrument import analyze
-
-        return getattr(analyze, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "CettSearch",
     "DynamicsFit",
     "EverActive",
     "activation_ratio",
-    "analyze_run",
     "attention_entropy",
     "attention_entropy_per_layer",
     "attention_row_mass",
@@ -82,7 +69,6 @@ __all__ = [
     "ever_active_init",
     "ever_active_update",
     "fit_massive_dynamics",
-    "fit_massive_dynamics_table",
     "inf_norm",
     "kurtosis",
     "kurtosis_stats",
@@ -94,10 +80,8 @@ __all__ = [
     "max_attention_logit_per_layer",
     "neuron_output_norms",
     "peak_time",
-    "probe",
     "rank_collapse_residual",
     "rank_collapse_residual_per_layer",
-    "read_table",
     "rms",
     "singular_values",
     "sink_fraction",

@@ -1,7 +1,7 @@
 """The five-parameter fit of massive-activation dynamics over training (host-side, scipy).
 
 Gallego-Feliciano et al. 2025, "Hidden Dynamics of Massive Activations in Transformer
-Training", arXiv 2508.03616, Eq. 9 (RESEARCH.md 4.2; pitfall 0.1.1: not a log-normal):
+Training", arXiv 2508.03616, Eq. 9 (docs/methods.md §4.2; pitfall 0.1.1: not a log-normal):
 
     f(t) = A * exp(-lam * x_t) * log(x_t) + K,    x_t = gamma * t + t0
 

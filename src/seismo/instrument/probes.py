@@ -20,15 +20,18 @@ returns becomes one `probe` row of metrics.jsonl (per-layer values are lists by 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from seismo.config import Config
 from seismo.instrument import stats
-from seismo.train import optimizer as opt_lib
+from seismo.instrument.trend import LogitTrend
+from seismo.models.attention import key_slots
 
 
 def path_name(path: tuple) -> str:
@@ -93,22 +96,77 @@ def layer_stats(taps: dict[str, jax.Array], offset: int) -> dict[str, jax.Array]
     return out
 
 
-def make_step_probes(model: Any, cfg: Config) -> Callable[..., dict[str, jax.Array]]:
-    """The probe function the instrumented step applies (see seismo.train.step)."""
-    axes = model.param_axes()
-    offset = 1 if cfg.model.attn_bias else 0
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What the train step hands a probe, inside jit: the taps of the forward pass, the
+    params before and after the update, the gradients, the new optimizer state, the loss
+    statistics and the unscaled Adam direction of this update (seismo.train.optimizer)."""
 
-    def probe(*, taps, params, grads, new_params, new_opt_state, loss_stats) -> dict[str, jax.Array]:
-        out = dict(layer_stats(taps, offset))
+    taps: dict[str, jax.Array]
+    params: Any
+    grads: Any
+    new_params: Any
+    new_opt_state: Any
+    loss_stats: dict[str, jax.Array]
+    update: Any
+
+
+class RunLog(Protocol):
+    """The host side of one run, as a probe sees it."""
+
+    def write(self, row: Mapping[str, Any]) -> None: ...
+
+    def warn(self, step: int, message: str) -> None: ...
+
+
+@runtime_checkable
+class StepProbe(Protocol):
+    """The two halves of an in-step probe (the shape of Levanter's JitCallback):
+    `inside_step(info)` runs inside the jitted step and returns a flat dict of arrays;
+    `on_step(step, summary, log)` runs on the host with that dict fetched (numpy), one step
+    late, and records what it wants in the run's log. The trainer makes one probe per run
+    (`ProbeFactory`), so host-side state is per run; a vmapped group traces point 0's
+    `inside_step` once for all points."""
+
+    def inside_step(self, info: StepInfo) -> dict[str, jax.Array]: ...
+
+    def on_step(self, step: int, summary: Mapping[str, Any], log: RunLog) -> None: ...
+
+
+ProbeFactory = Callable[[Any, Config], StepProbe]  # (model, config) -> probe
+
+
+class InstabilityProbes:
+    """seismo's default probe: the statistics of the module docstring inside the step; on
+    the host, a `probe` row, and a `warning` row when the layer-0 max attention logit trend
+    predicts crossing run.logit_warning_threshold before the run ends (seismo.instrument.trend)."""
+
+    def __init__(self, model: Any, cfg: Config):
+        self.axes = model.param_axes()
+        self.offset = key_slots(cfg.model)
+        self.trend = LogitTrend(cfg.run.steps, cfg.run.logit_warning_threshold)
+
+    def inside_step(self, info: StepInfo) -> dict[str, jax.Array]:
+        out = dict(layer_stats(info.taps, self.offset))
         for k in ("logz_mean", "logz_max", "logit_mean"):
-            if k in loss_stats:
-                out[k] = loss_stats[k]
-        delta = opt_lib.unscaled_update(new_opt_state)
-        for prefix, tree in (("grad_rms", grads), ("param_rms", new_params), ("update_rms", delta)):
-            for name, v in tensor_rms(tree, axes).items():
+            if k in info.loss_stats:
+                out[k] = info.loss_stats[k]
+        for prefix, tree in (("grad_rms", info.grads), ("param_rms", info.new_params), ("update_rms", info.update)):
+            for name, v in tensor_rms(tree, self.axes).items():
                 out[f"{prefix}/{name}"] = v
-        for name, v in activation_params(new_params).items():
+        for name, v in activation_params(info.new_params).items():
             out[f"act/{name}"] = v
         return out
 
-    return probe
+    def on_step(self, step: int, summary: Mapping[str, Any], log: RunLog) -> None:
+        log.write({"step": step, "kind": "probe", **summary})
+        logits = summary.get("attn_logit_max")
+        if logits is not None:
+            msg = self.trend.update(step, float(np.asarray(logits).reshape(-1)[0]))
+            if msg:
+                log.warn(step, msg)
+
+
+def make_step_probes(model: Any, cfg: Config) -> InstabilityProbes:
+    """The default probe of a run (a `ProbeFactory`)."""
+    return InstabilityProbes(model, cfg)

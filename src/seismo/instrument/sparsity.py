@@ -2,8 +2,8 @@
 
 Sources:
 - Dead neurons (never active over a large eval stream): Voita et al. 2023, arXiv 2309.04827
-  (RESEARCH.md 7.7).
-- CETT and CETT-PPL-p%: Luo et al. 2024, "Sparsing Law", arXiv 2411.02335 (RESEARCH.md 5.2),
+  (docs/methods.md §7.7).
+- CETT and CETT-PPL-p%: Luo et al. 2024, "Sparsing Law", arXiv 2411.02335 (docs/methods.md §5.2),
   with the definitions as the authors' code computes them (thunlp/SparsingLaw,
   `src_bmt/model_utils.py` `calc_sparsity` and `src/calc_cett.py`):
     * the neuron output of neuron i on a token is n_i = s_i * W_out[i, :], where s is the

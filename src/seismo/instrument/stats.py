@@ -8,15 +8,15 @@ and where each value is logged: docs/metrics.md.
 
 Sources:
 - Massive activations: Sun et al. 2024, "Massive Activations in Large Language Models",
-  arXiv 2402.17762 (RESEARCH.md 3). The continuous top-1/median ratio, per sequence then
-  averaged: Gallego-Feliciano et al. 2025, arXiv 2508.03616 (RESEARCH.md 4.1, pitfall 0.1.4).
-- Max attention logit: Wortsman et al. 2023, arXiv 2309.14322 (RESEARCH.md 1.3).
-- Attention entropy: Zhai et al. 2023, arXiv 2303.06296 (RESEARCH.md 7.2). Row mass for
-  sigmoid attention: Ramapuram et al. 2024, arXiv 2409.04431 (RESEARCH.md 2, 8).
-- Sink scores: Gu et al. 2024, arXiv 2410.10781, threshold 0.3 (RESEARCH.md 7.5).
-- RMS: Wortsman et al. 2023 (RESEARCH.md 1.4). Kurtosis and infinity norm: Bondarenko et al.
-  2023, arXiv 2306.12929, and Nrusimha et al. 2024, arXiv 2404.03605 (RESEARCH.md 7.3, 7.4).
-- Rank collapse: Dong et al. 2021, arXiv 2103.03404 (RESEARCH.md 7.6).
+  arXiv 2402.17762 (docs/methods.md §3). The continuous top-1/median ratio, per sequence then
+  averaged: Gallego-Feliciano et al. 2025, arXiv 2508.03616 (docs/methods.md §4.1, pitfall 0.1.4).
+- Max attention logit: Wortsman et al. 2023, arXiv 2309.14322 (docs/methods.md §1.3).
+- Attention entropy: Zhai et al. 2023, arXiv 2303.06296 (docs/methods.md §7.2). Row mass for
+  sigmoid attention: Ramapuram et al. 2024, arXiv 2409.04431 (docs/methods.md §2, 8).
+- Sink scores: Gu et al. 2024, arXiv 2410.10781, threshold 0.3 (docs/methods.md §7.5).
+- RMS: Wortsman et al. 2023 (docs/methods.md §1.4). Kurtosis and infinity norm: Bondarenko et al.
+  2023, arXiv 2306.12929, and Nrusimha et al. 2024, arXiv 2404.03605 (docs/methods.md §7.3, 7.4).
+- Rank collapse: Dong et al. 2021, arXiv 2103.03404 (docs/methods.md §7.6).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def attention_entropy_per_layer(probs_LxBxHxTxS: ArrayLike) -> dict[str, Array]:
 @jax.jit
 def attention_row_mass(probs_BxHxTxS: ArrayLike) -> dict[str, Array]:
     """Mean attention row mass sum_j A_ij over queries and batch: 1 for softmax; for sigmoid
-    attention with b = -log n it starts near n/(n+1) (RESEARCH.md 2.5).
+    attention with b = -log n it starts near n/(n+1) (docs/methods.md §2.5).
     Returns {"per_head": [H], "mean": scalar}."""
     a = as_float(probs_BxHxTxS)
     _require_ndim(a, 4, "probs_BxHxTxS")
@@ -196,7 +196,7 @@ def sink_scores(probs_BxHxTxS: ArrayLike, offset: int | None = None) -> Array:
     alpha_k = attention to slot k averaged over the batch and over the queries that can see
     it (i >= k - offset; every query for the slots before `offset`, by default S - T). A slot
     no query sees
-    scores 0. High scores at non-BOS slots point at secondary sinks (RESEARCH.md 7.5).
+    scores 0. High scores at non-BOS slots point at secondary sinks (docs/methods.md §7.5).
     """
     a = as_float(probs_BxHxTxS)
     _require_ndim(a, 4, "probs_BxHxTxS")
@@ -268,7 +268,7 @@ inf_norm = max_abs
 
 @partial(jax.jit, static_argnames="axis")
 def zero_fraction(x: ArrayLike, axis: int | tuple[int, ...] | None = None) -> Array:
-    """Fraction of entries exactly 0 (ReLU sparsity, Li et al. 2022, RESEARCH.md 5.1).
+    """Fraction of entries exactly 0 (ReLU sparsity, Li et al. 2022, docs/methods.md §5.1).
     The nonzero fraction of the Lazy Neuron paper is 1 minus this."""
     return jnp.mean(jnp.asarray(x) == 0, axis=axis)
 

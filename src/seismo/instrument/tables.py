@@ -9,7 +9,7 @@ function, the eval loss with per-layer neuron thresholds. `frames` turns the sma
 results into one tidy DataFrame per group: one row per (layer, head, metric) with the columns
 of `columns(group)`. Definitions, formulas and sources: docs/analysis.md.
 
-Sources (RESEARCH.md sections): massive activations, Sun et al. 2024, arXiv 2402.17762 (3)
+Sources (docs/methods.md sections): massive activations, Sun et al. 2024, arXiv 2402.17762 (3)
 and Gallego-Feliciano et al. 2025, arXiv 2508.03616 (4); CETT-PPL-p%, Luo et al. 2024,
 arXiv 2411.02335 (5.2); zero fraction, Li et al. 2022, arXiv 2210.06313 (5.1); dead neurons,
 Voita et al. 2023, arXiv 2309.04827 (7.7); kurtosis and infinity norms, Bondarenko et al.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -34,50 +35,67 @@ from seismo.instrument import sparsity, stats, weights
 from seismo.instrument.probes import activation_params, path_name
 from seismo.models.loss import lm_loss
 from seismo.models.transformer import group_of
+from seismo.registry import Registry
 
-# name -> what the group's table holds (also the text of `seismo analyze --help`).
-GROUPS: dict[str, str] = {
-    "massive": "massive activations of the residual stream per layer: max|h|, median|h|, ratios, top-k, "
-               "strict flag",
-    "sparsity": "MLP zero fraction, dead neurons, CETT-PPL-p% activation ratio per layer",
-    "outliers": "kurtosis (mean, max over tokens) and infinity norm of block, attention and MLP outputs",
-    "attention": "attention entropy, row mass, max logit, sink scores and sink heads per layer and head",
-    "weights": "condition number, effective rank and extreme singular values of every 2-D weight",
-    "rank": "rank-collapse residual and effective rank of the residual stream per layer",
-    "activation": "learnable activation parameters (leaves under 'activation')",
-}
 BASE_COLUMNS = ("step", "layer", "head", "metric", "value")
-EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {
-    "massive": ("rank", "batch", "position", "dim"),
-    "attention": ("position",),
-    "weights": ("param",),
-    "activation": ("param", "index"),
-}
 INT_COLUMNS = frozenset({"step", "layer", "head", "rank", "batch", "position", "dim", "index"})
 STR_COLUMNS = frozenset({"metric", "param"})
-_TAP_GROUPS = frozenset({"massive", "sparsity", "outliers", "attention", "rank"})
 _OUTLIER_TAPS = ("resid", "attn_out", "mlp_out")
 _WEIGHT_GROUPS = ("kernel", "embedding")  # parameter groups that are linear maps or tables
 _BLOCK = re.compile(r"^block_(\d+)/")
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a group's statistics see inside the compiled function."""
+
+    params: Any
+    taps: Mapping[str, jax.Array]  # empty when no chosen group needs taps
+    layered: Mapping[str, bool]  # parameter path -> stacked over layers
+    top_k: int
+    sink_eps: float
+
+
+@dataclass(frozen=True)
+class TableGroup:
+    """One table of the checkpoint analysis: what it holds (`description`, also the text of
+    `seismo analyze --help`), its columns beyond BASE_COLUMNS, whether it needs the forward
+    pass's taps, `compute(ctx) -> {name: array}` inside the compiled function, and
+    `rows(rows, result, layered)` on the host, turning the fetched result into table rows."""
+
+    name: str
+    description: str
+    compute: Callable[[Context], dict[str, Any]]
+    rows: Callable[[_Rows, Mapping[str, Any], Mapping[str, bool]], None]
+    extra_columns: tuple[str, ...] = ()
+    needs_taps: bool = True
+
+
+GROUPS: Registry[TableGroup] = Registry("analysis")  # in table order (registration order)
+
+
+def register_group(group: TableGroup) -> TableGroup:
+    return GROUPS.register(group.name, group)
+
+
 def columns(group: str) -> tuple[str, ...]:
     """The columns of a group's table: step, layer, head, metric, value, then its extras."""
-    return BASE_COLUMNS + EXTRA_COLUMNS.get(group, ())
+    return BASE_COLUMNS + GROUPS.get(group).extra_columns
 
 
 def check_groups(probes: Iterable[str] | str | None) -> tuple[str, ...]:
     """The chosen groups in table order; None (or empty) means all. Unknown names raise."""
+    order = GROUPS.ordered()
     if probes is None:
-        return tuple(GROUPS)
+        return order
     names = [probes] if isinstance(probes, str) else list(probes)
     if not names:
-        return tuple(GROUPS)
+        return order
     unknown = [n for n in names if n not in GROUPS]
     if unknown:
         raise ConfigError(f"unknown analysis {', '.join(map(repr, unknown))}; valid analyses: "
-                          f"{', '.join(GROUPS)}")
-    return tuple(g for g in GROUPS if g in names)
+                          f"{', '.join(order)}")
+    return tuple(g for g in order if g in names)
 
 
 # --------------------------------------------------------------------------- the compiled function
@@ -149,39 +167,16 @@ def make_stats_fn(model: Any, groups: Iterable[str], top_k: int = 5,
     axes = flat_axes(model)
     layered = {k: bool(a) and a[0] == "layers" for k, a in axes.items()}
 
+    chosen = [GROUPS.get(g) for g in groups]
+
     def fn(params: Any, inputs_BxT: jax.Array) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        taps: dict[str, jax.Array] = {}
-        if _TAP_GROUPS & set(groups):
+        taps: Mapping[str, jax.Array] = {}
+        if any(g.needs_taps for g in chosen):
             _, taps = model.apply(params, inputs_BxT, taps=True)
-        if "massive" in groups:
-            out["massive"] = stats.massive_activations_per_layer(taps["resid"], k=top_k)
-        if "sparsity" in groups:
-            m = taps["mlp_post"]
-            acts_LxNxF = m.reshape(m.shape[0], -1, m.shape[-1])
-            ever = sparsity.ever_active_update(sparsity.ever_active_init((m.shape[0], m.shape[-1])), acts_LxNxF)
-            out["sparsity"] = {"zero_fraction": stats.zero_fraction(acts_LxNxF, axis=(1, 2)),
-                               "dead_fraction": sparsity.dead_fraction(ever), "eval_tokens": ever.n_tokens}
-            out["_acts"] = acts_LxNxF
-        if "outliers" in groups:
-            o = {}
-            for name in _OUTLIER_TAPS:
-                x = taps[name]
-                x_LxNxD = x.reshape(x.shape[0], -1, x.shape[-1])
-                k = jax.vmap(stats.kurtosis_stats)(x_LxNxD)
-                o[f"{name}_kurtosis_mean"], o[f"{name}_kurtosis_max"] = k["mean"], k["max"]
-                o[f"{name}_inf_norm"] = jax.vmap(stats.inf_norm)(x_LxNxD)
-            out["outliers"] = o
-        if "attention" in groups:
-            out["attention"] = _attention(taps, sink_eps)
-        if "rank" in groups:
-            h = taps["resid"]
-            out["rank"] = {"rank_collapse_residual": stats.rank_collapse_residual_per_layer(h),
-                           "effective_rank": jnp.mean(weights.effective_rank(h), axis=1)}
-        if "weights" in groups:
-            out["weights"] = _weights(params, layered)
-        if "activation" in groups:
-            out["activation"] = activation_params(params)
+        ctx = Context(params=params, taps=taps, layered=layered, top_k=top_k, sink_eps=sink_eps)
+        out: dict[str, Any] = {g.name: g.compute(ctx) for g in chosen}
+        if "sparsity" in out:  # the CETT search runs on the host around these, on the device
+            out["_acts"] = out["sparsity"].pop("_acts")
         return out
 
     return fn
@@ -313,56 +308,122 @@ def frames(host: Mapping[str, Any], groups: Iterable[str], model: Any,
     out = {}
     layered = {k: bool(a) and a[0] == "layers" for k, a in flat_axes(model).items()}
     for group in groups:
-        rows, r = _Rows(group), host.get(group, {})
-        if group == "massive":
-            for m in ("max_abs", "median_abs", "ratio", "ratio_seq_mean"):
-                rows.per_layer(m, r[m])
-            rows.per_layer("strict_any", np.any(r["top_strict"], axis=-1))
-            for (layer, rank), v in np.ndenumerate(r["top_value"]):
-                where = dict(layer=layer, rank=rank, batch=int(r["top_batch"][layer, rank]),
-                             position=int(r["top_position"][layer, rank]), dim=int(r["top_dim"][layer, rank]))
-                rows.add("top_value", v, **where)
-                rows.add("top_ratio", r["top_ratio"][layer, rank], **where)
-                rows.add("top_strict", r["top_strict"][layer, rank], **where)
-        elif group == "sparsity":
-            rows.per_layer("zero_fraction", r["zero_fraction"])
-            rows.per_layer("dead_fraction", r["dead_fraction"])
-            rows.add("eval_tokens", r["eval_tokens"])
-            if cett is not None:
-                for m in ("cett_threshold", "cett_activation_ratio", "cett_dead_fraction"):
-                    rows.per_layer(m, cett[m])
-                for m in ("cett_target", "cett_ppl_ratio", "cett_loss_dense", "cett_loss_sparse", "cett_n_evals"):
-                    rows.add(m, cett[m])
-        elif group in ("outliers", "rank"):
-            for m, v in r.items():
-                rows.per_layer(m, v)
-        elif group == "attention":
-            for m in ("entropy", "row_mass", "logit_max", "sink_score", "is_sink", "bias_slot_score"):
-                if m in r:
-                    rows.per_head(m, r[m])
-            if "secondary_sink_score" in r:
-                for (layer, head), v in np.ndenumerate(r["secondary_sink_score"]):
-                    rows.add("secondary_sink_score", v, layer=layer, head=head,
-                             position=int(r["secondary_sink_position"][layer, head]))
-            rows.per_layer("entropy", r["entropy_layer"])
-            rows.per_layer("sink_fraction", r["sink_fraction_layer"])
-            rows.add("sink_fraction", r["sink_fraction"])
-        elif group == "weights":
-            for name, ms in r.items():
-                param, layer = _param_layer(name)
-                for m, v in ms.items():
-                    if layered.get(name):
-                        rows.per_layer(m, v, param=param)
-                    else:
-                        rows.add(m, v, layer=layer, param=param)
-        elif group == "activation":
-            for name, v in r.items():
-                param, layer = _param_layer(name)
-                metric = name.rsplit("/", 1)[-1]
-                v = np.asarray(v)
-                per_layer = v.reshape(v.shape[0], -1) if layered.get(name) else v.reshape(1, -1)
-                for i, row in enumerate(per_layer):
-                    for index, x in enumerate(row):
-                        rows.add(metric, x, layer=i if layered.get(name) else layer, index=index, param=param)
+        rows, r = _Rows(group), dict(host.get(group, {}))
+        if group == "sparsity" and cett is not None:
+            r.update(cett)
+        GROUPS.get(group).rows(rows, r, layered)
         out[group] = rows.frame()
     return out
+
+
+# --------------------------------------------------------------------------- the groups
+
+
+def _massive(ctx: Context) -> dict[str, Any]:
+    return stats.massive_activations_per_layer(ctx.taps["resid"], k=ctx.top_k)
+
+
+def _massive_rows(rows: _Rows, r: Mapping[str, Any], layered: Mapping[str, bool]) -> None:
+    for m in ("max_abs", "median_abs", "ratio", "ratio_seq_mean"):
+        rows.per_layer(m, r[m])
+    rows.per_layer("strict_any", np.any(r["top_strict"], axis=-1))
+    for (layer, rank), v in np.ndenumerate(r["top_value"]):
+        where = dict(layer=layer, rank=rank, batch=int(r["top_batch"][layer, rank]),
+                     position=int(r["top_position"][layer, rank]), dim=int(r["top_dim"][layer, rank]))
+        rows.add("top_value", v, **where)
+        rows.add("top_ratio", r["top_ratio"][layer, rank], **where)
+        rows.add("top_strict", r["top_strict"][layer, rank], **where)
+
+
+def _sparsity(ctx: Context) -> dict[str, Any]:
+    m = ctx.taps["mlp_post"]
+    acts_LxNxF = m.reshape(m.shape[0], -1, m.shape[-1])
+    ever = sparsity.ever_active_update(sparsity.ever_active_init((m.shape[0], m.shape[-1])), acts_LxNxF)
+    return {"zero_fraction": stats.zero_fraction(acts_LxNxF, axis=(1, 2)),
+            "dead_fraction": sparsity.dead_fraction(ever), "eval_tokens": ever.n_tokens, "_acts": acts_LxNxF}
+
+
+def _sparsity_rows(rows: _Rows, r: Mapping[str, Any], layered: Mapping[str, bool]) -> None:
+    rows.per_layer("zero_fraction", r["zero_fraction"])
+    rows.per_layer("dead_fraction", r["dead_fraction"])
+    rows.add("eval_tokens", r["eval_tokens"])
+    if "cett_threshold" in r:  # the host search's results (cett_stats)
+        for m in ("cett_threshold", "cett_activation_ratio", "cett_dead_fraction"):
+            rows.per_layer(m, r[m])
+        for m in ("cett_target", "cett_ppl_ratio", "cett_loss_dense", "cett_loss_sparse", "cett_n_evals"):
+            rows.add(m, r[m])
+
+
+def _outliers(ctx: Context) -> dict[str, Any]:
+    o = {}
+    for name in _OUTLIER_TAPS:
+        x = ctx.taps[name]
+        x_LxNxD = x.reshape(x.shape[0], -1, x.shape[-1])
+        k = jax.vmap(stats.kurtosis_stats)(x_LxNxD)
+        o[f"{name}_kurtosis_mean"], o[f"{name}_kurtosis_max"] = k["mean"], k["max"]
+        o[f"{name}_inf_norm"] = jax.vmap(stats.inf_norm)(x_LxNxD)
+    return o
+
+
+def _per_layer_rows(rows: _Rows, r: Mapping[str, Any], layered: Mapping[str, bool]) -> None:
+    for m, v in r.items():
+        rows.per_layer(m, v)
+
+
+def _attention_rows(rows: _Rows, r: Mapping[str, Any], layered: Mapping[str, bool]) -> None:
+    for m in ("entropy", "row_mass", "logit_max", "sink_score", "is_sink", "bias_slot_score"):
+        if m in r:
+            rows.per_head(m, r[m])
+    if "secondary_sink_score" in r:
+        for (layer, head), v in np.ndenumerate(r["secondary_sink_score"]):
+            rows.add("secondary_sink_score", v, layer=layer, head=head,
+                     position=int(r["secondary_sink_position"][layer, head]))
+    rows.per_layer("entropy", r["entropy_layer"])
+    rows.per_layer("sink_fraction", r["sink_fraction_layer"])
+    rows.add("sink_fraction", r["sink_fraction"])
+
+
+def _rank(ctx: Context) -> dict[str, Any]:
+    h = ctx.taps["resid"]
+    return {"rank_collapse_residual": stats.rank_collapse_residual_per_layer(h),
+            "effective_rank": jnp.mean(weights.effective_rank(h), axis=1)}
+
+
+def _weights_rows(rows: _Rows, r: Mapping[str, Any], layered: Mapping[str, bool]) -> None:
+    for name, ms in r.items():
+        param, layer = _param_layer(name)
+        for m, v in ms.items():
+            if layered.get(name):
+                rows.per_layer(m, v, param=param)
+            else:
+                rows.add(m, v, layer=layer, param=param)
+
+
+def _activation_rows(rows: _Rows, r: Mapping[str, Any], layered: Mapping[str, bool]) -> None:
+    for name, v in r.items():
+        param, layer = _param_layer(name)
+        metric = name.rsplit("/", 1)[-1]
+        v = np.asarray(v)
+        per_layer = v.reshape(v.shape[0], -1) if layered.get(name) else v.reshape(1, -1)
+        for i, row in enumerate(per_layer):
+            for index, x in enumerate(row):
+                rows.add(metric, x, layer=i if layered.get(name) else layer, index=index, param=param)
+
+
+for _group in (
+    TableGroup("massive", "massive activations of the residual stream per layer: max|h|, median|h|, ratios, "
+               "top-k, strict flag", _massive, _massive_rows, ("rank", "batch", "position", "dim")),
+    TableGroup("sparsity", "MLP zero fraction, dead neurons, CETT-PPL-p% activation ratio per layer",
+               _sparsity, _sparsity_rows),
+    TableGroup("outliers", "kurtosis (mean, max over tokens) and infinity norm of block, attention and MLP outputs",
+               _outliers, _per_layer_rows),
+    TableGroup("attention", "attention entropy, row mass, max logit, sink scores and sink heads per layer and head",
+               lambda ctx: _attention(ctx.taps, ctx.sink_eps), _attention_rows, ("position",)),
+    TableGroup("weights", "condition number, effective rank and extreme singular values of every 2-D weight",
+               lambda ctx: _weights(ctx.params, ctx.layered), _weights_rows, ("param",), needs_taps=False),
+    TableGroup("rank", "rank-collapse residual and effective rank of the residual stream per layer",
+               _rank, _per_layer_rows),
+    TableGroup("activation", "learnable activation parameters (leaves under 'activation')",
+               lambda ctx: activation_params(ctx.params), _activation_rows, ("param", "index"), needs_taps=False),
+):
+    register_group(_group)

@@ -2,9 +2,9 @@
 
 Sources:
 - Condition number kappa = sigma_max / sigma_min per weight tensor, and its top-r variant
-  for nearly singular matrices: Ludwig 2025, KappaTune, arXiv 2506.16289 (RESEARCH.md 7.1).
+  for nearly singular matrices: Ludwig 2025, KappaTune, arXiv 2506.16289 (docs/methods.md §7.1).
 - Effective rank exp(H(sigma / sum sigma)): Roy & Vetterli 2007, "The effective rank: a
-  measure of effective dimensionality", EUSIPCO (RESEARCH.md 7.1, 7.6).
+  measure of effective dimensionality", EUSIPCO (docs/methods.md §7.1, 7.6).
 
 Every function takes a matrix [a, b] or a stack [..., a, b] (e.g. scanned layers [L, a, b])
 and returns one value per matrix. The SVD runs in float32 whatever the input dtype

@@ -1,10 +1,12 @@
-"""Sweeps: grids of runs from one sweep file (spec.py), run one after another, in parallel
-processes, or vmapped (many tiny models in one program; Wortsman et al. 2023, arXiv 2309.14322).
+"""Sweeps: grids of runs from one sweep file, run one after another, in parallel processes, or
+vmapped (many tiny models in one program; Wortsman et al. 2023, arXiv 2309.14322).
 
-Importing this package is cheap (no JAX): the runners live in their own modules.
+The sweep file format lives with the configs (seismo.config.sweepfile, re-exported here);
+the runner (seismo.sweep.runner) trains the points through seismo.train. Importing this
+package is cheap (no JAX).
 """
 
-from seismo.sweep.spec import (
+from seismo.config.sweepfile import (
     EXECUTION_MODES,
     VMAPPABLE_KEYS,
     Point,

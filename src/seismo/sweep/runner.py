@@ -3,7 +3,7 @@
 Each point is a normal run directory under `<sweep dir>/runs/<point name>/`. Points run one
 after another (`sequential`), in separate processes (`parallel`, `workers` at a time), or
 `vmap`ped: points that differ only in scalar hyperparameters train as one program
-(seismo.sweep.vmapped). An interrupted sweep started again skips finished (and diverged)
+(seismo.train.loop.train_group, the same loop as a single run, with a points axis). An interrupted sweep started again skips finished (and diverged)
 runs and resumes unfinished ones from their checkpoints. At the end, `results.csv` (one row
 per run) and `summary.csv` (LR sensitivity per group, Wortsman et al. 2023, arXiv
 2309.14322, section 2.2) are written to the sweep directory.
@@ -17,9 +17,13 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-from seismo.sweep.spec import (
+from seismo import rundir
+from seismo.config import ConfigError
+from seismo.config.sweepfile import (
     Point,
+    SweepError,
     SweepSpec,
     expand,
     load_sweep_spec,
@@ -42,6 +46,13 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     """Run (or resume) the sweep in `path`; returns the sweep directory."""
     spec = load_sweep_spec(path, overrides, execution=execution, workers=workers)
     points = expand(spec)  # every point's config is validated here, before anything trains
+    from seismo.train.engine import check_config
+
+    for p in points:  # registered names too (activation, data source, ...), for every point first
+        try:
+            check_config(p.config)
+        except ConfigError as e:
+            raise SweepError(f"{path}: sweep point {p.name}: {e}") from None
     sweep_dir = Path(out) if out is not None else Path("runs") / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_spec(spec, sweep_dir)
@@ -50,11 +61,15 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
           f"{len(todo)} to run ({spec.execution}) -> {sweep_dir}", flush=True)
     t0 = time.perf_counter()
     if spec.execution == "vmap":
-        _run_vmapped(todo, sweep_dir)
+        complete = _run_vmapped(todo, sweep_dir)
     elif spec.execution == "parallel":
-        _run_parallel(todo, sweep_dir, spec.workers or os.cpu_count() or 1)
+        complete = _run_parallel(todo, sweep_dir, spec.workers or os.cpu_count() or 1)
     else:
-        _run_sequential(todo, sweep_dir)
+        complete = _run_sequential(todo, sweep_dir)
+    if not complete:
+        print(f"sweep {spec.name}: stopped after {time.perf_counter() - t0:.0f} s (preempted); "
+              f"the same command resumes it", flush=True)
+        return sweep_dir
     print(f"sweep {spec.name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
     write_tables(sweep_dir, spec)
     return sweep_dir
@@ -67,33 +82,45 @@ def write_tables(sweep_dir: Path, spec: SweepSpec) -> None:
     collect_results(sweep_dir, spec, write=True)
 
 
-def _run_sequential(points: Sequence[Point], sweep_dir: Path) -> None:
+def _report(results: Sequence[Any]) -> bool:
+    """Print each run's outcome; True when one was preempted (the sweep then stops: started
+    again, it resumes there)."""
+    for r in results:
+        eval_part = f", eval loss {r.final_eval_loss:.4f}" if r.final_eval_loss is not None else ""
+        print(f"    {r.run_dir.name}: {r.status} at step {r.step}{eval_part}", flush=True)
+    return any(r.status == "preempted" for r in results)
+
+
+def _run_sequential(points: Sequence[Point], sweep_dir: Path) -> bool:
     from seismo.train.loop import train
 
     for i, p in enumerate(points):
         print(f"[{i + 1}/{len(points)}] {p.name}", flush=True)
-        r = train(p.config, run_dir(sweep_dir, p))
-        print(f"    {r.status} at step {r.step}" + (f", eval loss {r.final_eval_loss:.4f}" if r.final_eval_loss else ""),
-              flush=True)
+        if _report([train(p.config, run_dir(sweep_dir, p))]):
+            return False
+    return True
 
 
-def _run_vmapped(points: Sequence[Point], sweep_dir: Path) -> None:
-    from seismo.sweep.vmapped import train_vmapped
-    from seismo.train.loop import train
+def _run_vmapped(points: Sequence[Point], sweep_dir: Path) -> bool:
+    """Each group of vmappable points through the training loop at once (one group of one is
+    a plain run)."""
+    from seismo.train.loop import train, train_group
 
     groups = vmap_groups(points)
     for i, group in enumerate(groups):
         names = ", ".join(p.name for p in group)
         print(f"[group {i + 1}/{len(groups)}] {len(group)} points vmapped: {names}", flush=True)
+        dirs = [run_dir(sweep_dir, p) for p in group]
         if len(group) == 1:
-            train(group[0].config, run_dir(sweep_dir, group[0]))
-            continue
-        for r in train_vmapped([p.config for p in group], [run_dir(sweep_dir, p) for p in group]):
-            print(f"    {r.run_dir.name}: {r.status}" + (f", eval loss {r.final_eval_loss:.4f}" if r.final_eval_loss else ""),
-                  flush=True)
+            results = [train(group[0].config, dirs[0])]
+        else:
+            results = train_group([p.config for p in group], dirs)
+        if _report(results):
+            return False
+    return True
 
 
-def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int) -> None:
+def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int) -> bool:
     """Each point in its own `seismo train` process; at most `workers` at once. Each process
     runs single-threaded XLA when there are no more cores than workers, so they do not fight."""
     from seismo import config as config_lib
@@ -109,9 +136,9 @@ def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int) -> Non
             p = queue.pop(0)
             d = run_dir(sweep_dir, p)
             d.mkdir(parents=True, exist_ok=True)
-            config_lib.dump(p.config, d / "config.yaml")
+            config_lib.dump(p.config, d / rundir.CONFIG_FILE)
             log = (d / "train.log").open("a")
-            cmd = [sys.executable, "-m", "seismo.cli", "train", str(d / "config.yaml"), "--run-dir", str(d)]
+            cmd = [sys.executable, "-m", "seismo.cli", "train", str(d / rundir.CONFIG_FILE), "--run-dir", str(d)]
             running.append((p, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
             print(f"started {p.name}", flush=True)
         time.sleep(0.5)
@@ -124,3 +151,4 @@ def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int) -> Non
                     failed.append(p.name)
     if failed:
         print(f"{len(failed)} runs failed; see their train.log: {', '.join(failed)}", file=sys.stderr)
+    return True

@@ -5,10 +5,10 @@
 
 libtpu can describe a TPU slice it is not running on (`jax.experimental.topologies.
 get_topology_desc`): it hands out compile-only devices with the slice's chip kind, coordinates
-and hosts. The train step is built exactly as `seismo.train.loop.Trainer` builds it (same model,
-optimizer, logical-axis shardings from `seismo.train.mesh`, donated state), traced with abstract
-arguments (`jax.ShapeDtypeStruct` with shardings: nothing is allocated) and compiled by the TPU
-compiler for those devices. What comes back is what the compiler knows about one device:
+and hosts. The train step is the one training runs: `seismo.train.engine.build` makes it for
+both (same model, optimizer, logical-axis shardings from `seismo.train.mesh`, donated state);
+here it is traced with abstract arguments (`jax.ShapeDtypeStruct` with shardings: nothing is
+allocated) and compiled by the TPU compiler for those devices. What comes back is what the compiler knows about one device:
 
 * memory (`Compiled.memory_analysis()`): bytes of arguments, outputs, aliased (donated)
   buffers, temporaries and program; their sum minus the aliases bounds the HBM a device needs.
@@ -41,9 +41,8 @@ import jax.numpy as jnp
 from seismo import config as config_lib
 from seismo import models
 from seismo.config import Config
+from seismo.train import engine as engine_lib
 from seismo.train import mesh as mesh_lib
-from seismo.train import optimizer as opt_lib
-from seismo.train.step import TrainState, make_train_step, under_mesh
 
 GiB = 1024**3
 
@@ -189,57 +188,6 @@ def topology_devices(topology: str | Topology, *, chip_config: str | None = None
     return list(topologies.get_topology_desc(topology_name=topo.topology_name, platform="tpu", **kwargs).devices)
 
 
-# --------------------------------------------------------------------------- the step, abstractly
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
-
-
-def build_abstract_step(cfg: Config, mesh: jax.sharding.Mesh, *, probes: bool | None = None) -> dict[str, Any]:
-    """The jitted train step(s) of `Trainer` for `mesh` and their abstract arguments.
-    Returns {'params': abstract params, 'state_shardings': TrainState of NamedShardings,
-    'steps': {name: (jitted fn, abstract args)}}; 'probe' is among the steps when `probes`
-    (default: cfg.run.probe_every > 0)."""
-    # The Trainer's own rule for optimizer-state shardings (imported here: loop pulls in orbax).
-    from seismo.train.loop import match_shardings
-
-    div = mesh_lib.batch_divisor(mesh)
-    if cfg.data.batch_size % (div * cfg.optimizer.grad_accum_steps):
-        raise config_lib.ConfigError(
-            f"data.batch_size ({cfg.data.batch_size}) must be divisible by mesh data*fsdp ({div}) "
-            f"times optimizer.grad_accum_steps ({cfg.optimizer.grad_accum_steps})")
-    model = models.build(cfg.model)
-    schedule = opt_lib.schedule(cfg.optimizer, cfg.run.steps)
-    tokens = jax.ShapeDtypeStruct((1, cfg.data.seq_len), jnp.int32)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)  # a raw PRNGKey, abstract
-    params_shape = jax.eval_shape(model.init, rng, tokens)
-    tx = opt_lib.build(cfg.optimizer, cfg.model, params_shape, cfg.run.steps)
-    param_sh = mesh_lib.param_shardings(model.param_axes(), params_shape, mesh)
-    repl = mesh_lib.replicated(mesh)
-    state_shape = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_shape,
-                             opt_state=jax.eval_shape(tx.init, params_shape))
-    state_sh = TrainState(step=repl, params=param_sh,
-                          opt_state=match_shardings(state_shape.opt_state, params_shape, param_sh, repl))
-    batch_sh = mesh_lib.batch_sharding(mesh)
-    rows_T = (cfg.data.batch_size, cfg.data.seq_len)
-    batch = {"inputs": jax.ShapeDtypeStruct(rows_T, jnp.int32, sharding=batch_sh),
-             "targets": jax.ShapeDtypeStruct(rows_T, jnp.int32, sharding=batch_sh)}
-    if cfg.data.source.startswith("synthetic"):  # synthetic tasks carry a loss mask
-        batch["loss_mask"] = jax.ShapeDtypeStruct(rows_T, jnp.float32, sharding=batch_sh)
-    state = _abstract(state_shape, state_sh)
-    steps = {"train": (jax.jit(under_mesh(make_train_step(model, tx, cfg, schedule), mesh), in_shardings=(state_sh, batch_sh),
-                               out_shardings=(state_sh, repl), donate_argnums=(0,)), (state, batch))}
-    want_probes = cfg.run.probe_every > 0 if probes is None else probes
-    if want_probes:
-        from seismo.instrument.probes import make_step_probes
-
-        fn = under_mesh(make_train_step(model, tx, cfg, schedule, make_step_probes(model, cfg)), mesh)
-        steps["probe"] = (jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl, repl),
-                                  donate_argnums=(0,)), (state, batch))
-    return {"params": params_shape, "state_shardings": state_sh, "steps": steps}
-
-
 # --------------------------------------------------------------------------- compile and measure
 
 
@@ -341,13 +289,13 @@ def compile_for_devices(cfg: Config, devices: Sequence[jax.Device], *, hbm_bytes
     (see `compile_for_topology`). Works for any platform; `hbm_bytes_per_device` is the
     memory limit the verdicts use."""
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    built = build_abstract_step(cfg, mesh, probes=probes)
-    steps = {name: compile_one(fn, args) for name, (fn, args) in built["steps"].items()}
+    engine = engine_lib.build(cfg, mesh, probes=probes)
+    steps = {name: compile_one(fn, args) for name, (fn, args) in engine.lowerable().items()}
     for rep in steps.values():
         if hbm_bytes_per_device and rep.get("compiled"):
             rep["hbm_fraction"] = rep["peak_bytes"] / hbm_bytes_per_device
         rep["verdict"] = verdict(rep, hbm_bytes_per_device)
-    model_flops = model_flops_per_step(cfg, built["params"])
+    model_flops = model_flops_per_step(cfg, engine.params_shape)
     d0 = devices[0]
     return {
         "platform": d0.platform,
@@ -356,7 +304,7 @@ def compile_for_devices(cfg: Config, devices: Sequence[jax.Device], *, hbm_bytes
         "n_hosts": len({d.process_index for d in devices}),
         "mesh": dict(mesh.shape),
         "hbm_bytes_per_device": hbm_bytes_per_device,
-        "params": models.param_count(built["params"]),
+        "params": models.param_count(engine.params_shape),
         "global_batch": cfg.data.batch_size,
         "seq_len": cfg.data.seq_len,
         "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,

@@ -106,22 +106,42 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def host_rows(sharding: NamedSharding, global_rows: int) -> slice:
-    """The contiguous rows of the global batch that this process's devices hold."""
-    index_map = sharding.addressable_devices_indices_map((global_rows, 1))
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [global_rows if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
-    lo, hi = min(starts), max(stops)
-    return slice(lo, hi)
+def host_rows(sharding: NamedSharding, global_rows: int, axis: int = 0) -> slice:
+    """The contiguous rows of the global batch that this process's devices hold; the rows
+    are dimension `axis` (1 for a batch stacked over vmapped points)."""
+    shape = (1,) * axis + (global_rows,) + (1,) * max(len(sharding.spec) - axis - 1, 0)
+    index_map = sharding.addressable_devices_indices_map(shape)
+    starts = [idx[axis].start or 0 for idx in index_map.values()]
+    stops = [global_rows if idx[axis].stop is None else idx[axis].stop for idx in index_map.values()]
+    return slice(min(starts), max(stops))
 
 
-def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding, global_rows: int) -> dict[str, jax.Array]:
-    """Device arrays of the global batch from this host's rows (`host_rows`)."""
+def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding, global_rows: int,
+              axis: int = 0) -> dict[str, jax.Array]:
+    """Device arrays of the global batch from this host's rows (`host_rows`) along `axis`."""
     out = {}
     for k, v in batch.items():
-        global_shape = (global_rows, *v.shape[1:])
-        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v), global_shape)
+        v = np.asarray(v)
+        global_shape = (*v.shape[:axis], global_rows, *v.shape[axis + 1:])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
     return out
+
+
+def match_shardings(tree: Any, params: Any, param_sh: Any, fallback: Any) -> Any:
+    """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path
+    and has its shape takes that parameter's sharding (Adam's mu and nu); others get
+    `fallback` (replicated)."""
+    by_path = {tuple(map(str, path)): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    sh_by_path = {tuple(map(str, p)): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
+
+    def pick(path: Any, leaf: Any) -> Any:
+        keys = tuple(map(str, path))
+        for i in range(len(keys)):
+            if by_path.get(keys[i:]) == leaf.shape:
+                return sh_by_path[keys[i:]]
+        return fallback
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def maybe_initialize_distributed(mesh_cfg: MeshConfig) -> bool:

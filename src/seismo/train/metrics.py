@@ -1,6 +1,6 @@
 """The run's record: `metrics.jsonl` (append-only JSON lines), `status.json`, progress bar.
 
-One JSON object per logged step; per-layer values are lists indexed by layer; non-finite
+One JSON object per logged step, with its `kind` (seismo.rundir.ROW_KINDS); per-layer values are lists indexed by layer; non-finite
 numbers are written as null (JSON has no NaN). Only process 0 writes. On resume the rows
 past the restored step are dropped first, so the file reads as one uninterrupted run.
 """
@@ -19,8 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-STATUS_FILE = "status.json"
+from seismo.rundir import METRICS_FILE, STATUS_FILE, row_kind
 
 
 def to_jsonable(value: Any) -> Any:
@@ -56,7 +55,7 @@ class MetricsWriter:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a half-written last line from a kill
                 continue
-            if row.get("step", 0) <= step and not row.get("preempted"):
+            if row.get("step", 0) <= step and row_kind(row) != "preemption":
                 kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(k + "\n" for k in kept))

@@ -5,10 +5,10 @@ Sources:
   instabilities", arXiv 2309.14322: the default recipe (section 2.1: AdamW b1 0.9, b2 0.95,
   eps 1e-8, global-norm clipping at 1, linear warmup then cosine decay to 1e-5, independent
   weight decay 1e-4), independent weight decay (section 3.2.2) and the role of eps and of the
-  unscaled update's RMS (section 3.4). RESEARCH.md 1.1, 1.4, 1.5, 1.8.
+  unscaled update's RMS (section 3.4). docs/methods.md §1.1, 1.4, 1.5, 1.8.
 * Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (AdamW), arXiv 1711.05101.
 * Yang et al. 2022, "Tensor Programs V" (muP), arXiv 2203.03466; Wortsman et al.'s "muParam
-  (simple)" is its per-layer LR scaling for Adam (RESEARCH.md 1.5, 9.7).
+  (simple)" is its per-layer LR scaling for Adam (docs/methods.md §1.5, 9.7).
 
 The update rule. With Delta_t the unscaled Adam direction mhat/(sqrt(vhat) + eps), eta the
 peak LR (`lr`), s_t = schedule(t) / eta the schedule multiplier, lambda the weight decay and
@@ -17,7 +17,7 @@ m_p the muParam LR multiplier of parameter p (1 when muParam is off):
     independent (default):  theta <- theta - s_t * (eta * m_p * Delta_t + lambda * theta)
     coupled (optax.adamw):  theta <- theta - s_t * eta * m_p * (Delta_t + lambda * theta)
 
-The independent form is the corrected sign of the paper's text (RESEARCH.md 0.1 item 2):
+The independent form is the corrected sign of the paper's text (docs/methods.md §0.1 item 2):
 decay shrinks the weights and is not multiplied by the peak LR, so the decay strength does
 not change when an LR sweep changes eta (the paper uses lambda = 1e-4). muParam multiplies
 only the Adam direction there: it is an LR rule, and the decay is not an LR-scaled term in
@@ -121,7 +121,7 @@ def lr_multipliers(params: PyTree, model_cfg: ModelConfig, *, groups: PyTree | N
 
     Every 'kernel' leaf (linear layers, including the head) gets base_fan_in / fan_in, where
     base_fan_in is the fan-in the same matrix has in the model of width `mup_base_width`
-    (Wortsman et al. 2023, "muParam (simple)"; RESEARCH.md 1.5). A width family scales every
+    (Wortsman et al. 2023, "muParam (simple)"; docs/methods.md §1.5). A width family scales every
     fan-in with d_model (d for the projections and the head, 4d for the MLP down-projection),
     so base_fan_in = fan_in * mup_base_width / d_model and the multiplier is
     mup_base_width / d_model for every kernel: 0.5, 0.25, 0.125 at widths 512, 1024, 2048 with
@@ -167,7 +167,7 @@ def build(
     Chain: clip_by_global_norm (when clip_norm > 0) -> scale_by_adam(b1, b2, eps) ->
     independent: muParam multipliers -> add_decayed_weights(lambda / eta, mask)
     coupled:     add_decayed_weights(lambda, mask) -> muParam multipliers
-    -> scale_by_schedule(-schedule(t)). The recipe of RESEARCH.md 1.8 with the muParam
+    -> scale_by_schedule(-schedule(t)). The recipe of docs/methods.md §1.8 with the muParam
     multiplier placed per the decay form.
     """
     if opt_cfg.weight_decay_form not in ("independent", "coupled"):
@@ -202,7 +202,7 @@ def unscaled_update(opt_state: PyTree, opt_cfg: OptimizerConfig | None = None) -
     Recomputed from the optimizer state after `tx.update` (the moments and count of its
     `ScaleByAdamState`, and b1, b2, eps as `build` recorded them beside it) exactly as
     `optax.scale_by_adam` computed it, before the LR, the muParam multiplier and the decay:
-    the "update RMS" of Wortsman et al. 2023 section 3.4 is the RMS of this (RESEARCH.md 1.4).
+    the "update RMS" of Wortsman et al. 2023 section 3.4 is the RMS of this (docs/methods.md §1.4).
     `opt_cfg` is needed only for a state that does not record b1, b2, eps (an Adam state not
     made by `build`); when given, its values are used. Before any update it is zero.
     """

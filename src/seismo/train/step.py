@@ -2,8 +2,8 @@
 
 `train_step(state, batch) -> (state, metrics)` returns a flat dict of float32 scalars; the
 host fetches it one step late so the device never waits (nanodo, big_vision). The
-instrumented step is the same function with taps switched on and a probe function applied
-to (taps, grads, params, new optimizer state) inside the same jit, so full activations
+instrumented step is the same function with taps switched on and a probe's `inside_step`
+applied to a `StepInfo` (taps, grads, params, new optimizer state) inside the same jit, so full activations
 never leave the device; it is compiled beside the plain step and called every
 `run.probe_every` steps, and with probes off the plain step is all that compiles.
 """
@@ -20,11 +20,11 @@ import numpy as np
 import optax
 
 from seismo.config import Config
+from seismo.instrument.probes import StepInfo, StepProbe
 from seismo.models.loss import lm_loss
+from seismo.train import optimizer as opt_lib
 
 Batch = Mapping[str, jax.Array]
-# probe_fn(taps, params, grads, new_params, new_opt_state, loss_stats) -> {name: array}
-ProbeFn = Callable[..., dict[str, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -74,13 +74,13 @@ def make_train_step(
     tx: optax.GradientTransformation,
     cfg: Config,
     schedule: optax.Schedule,
-    probe_fn: ProbeFn | None = None,
+    probe: StepProbe | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The (un-jitted) train step; with `probe_fn` it is the instrumented step and returns
-    `(state, metrics, probes)`."""
+    """The (un-jitted) train step; with `probe` it is the instrumented step and returns
+    `(state, metrics, probe.inside_step(info))`."""
 
     def step(state: TrainState, batch: Batch):
-        grads, stats, taps = grads_and_stats(model, cfg, state.params, batch, with_taps=probe_fn is not None)
+        grads, stats, taps = grads_and_stats(model, cfg, state.params, batch, with_taps=probe is not None)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -91,11 +91,11 @@ def make_train_step(
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
         }
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        if probe_fn is None:
+        if probe is None:
             return new_state, metrics
-        probes = probe_fn(taps=taps, params=state.params, grads=grads, new_params=params,
-                          new_opt_state=opt_state, loss_stats=stats)
-        return new_state, metrics, probes
+        info = StepInfo(taps=taps, params=state.params, grads=grads, new_params=params, new_opt_state=opt_state,
+                        loss_stats=stats, update=opt_lib.unscaled_update(opt_state))
+        return new_state, metrics, probe.inside_step(info)
 
     return step
 

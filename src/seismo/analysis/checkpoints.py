@@ -51,6 +51,7 @@ from seismo.instrument import tables
 from seismo.instrument.dynamics_fit import fit_massive_dynamics
 from seismo.instrument.stats import SINK_EPS
 from seismo.instrument.tables import GROUPS, check_groups, columns
+from seismo.rundir import ANALYSIS_DIR, CHECKPOINTS_DIR, CONFIG_FILE
 from seismo.train.checkpoint import Checkpointer
 
 DEFAULT_EVAL_SEQUENCES = 16
@@ -116,7 +117,7 @@ def probe(model: Any, params: Any, tokens: Any, probes: Iterable[str] | str | No
 
 def read_table(run_dir: str | os.PathLike, name: str) -> pd.DataFrame:
     """RUN_DIR/analysis/<name>.csv with its column types (nullable integers for layer, head, ...)."""
-    path = Path(run_dir) / "analysis" / f"{name}.csv"
+    path = Path(run_dir) / ANALYSIS_DIR / f"{name}.csv"
     if not path.exists():
         have = sorted(p.stem for p in path.parent.glob("*.csv")) if path.parent.exists() else []
         raise FileNotFoundError(f"{path} does not exist (tables there: {', '.join(have) or 'none'}); "
@@ -172,7 +173,7 @@ def _settings(done: _Done, eval_sequences: int | None, top_k: int, sink_eps: flo
 
 def _drop_unfinished_rows(folder: Path, done: _Done) -> None:
     """Remove rows of steps that done.json does not list (a run interrupted after appending)."""
-    for group in GROUPS:
+    for group in GROUPS.ordered():
         path = folder / f"{group}.csv"
         if not path.exists():
             continue
@@ -226,20 +227,20 @@ def analyze_run(run_dir: str | os.PathLike, probes: Iterable[str] | str | None =
     """
     groups = check_groups(probes)
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
+    if not (run_dir / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
-    if not (run_dir / "checkpoints").is_dir():
+    if not (run_dir / CHECKPOINTS_DIR).is_dir():
         raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: nothing to analyse")
     if eval_sequences is not None and eval_sequences < 1:
         raise ConfigError(f"eval_sequences must be >= 1, got {eval_sequences}")
-    cfg = config_lib.load(run_dir / "config.yaml")
-    folder = run_dir / "analysis"
+    cfg = config_lib.load(run_dir / CONFIG_FILE)
+    folder = run_dir / ANALYSIS_DIR
     folder.mkdir(exist_ok=True)
     done = _Done.load(folder / DONE_FILE)
     done.settings = _settings(done, eval_sequences, top_k, sink_eps, cett_p)
     _drop_unfinished_rows(folder, done)
 
-    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    ckpt = Checkpointer(run_dir / CHECKPOINTS_DIR, async_save=False)
     todo = [(s, tuple(g for g in groups if not done.has(g, s))) for s in ckpt.steps()]
     todo = [(s, gs) for s, gs in todo if gs]
     if not todo:
@@ -295,6 +296,6 @@ def fit_massive_dynamics_table(run_dir: str | os.PathLike, metric: str = "ratio_
         except (RuntimeError, ValueError) as e:  # no convergence, or a constant ratio
             row["error"] = str(e).splitlines()[0][:200]
         rows.append(row)
-    path = Path(run_dir) / "analysis" / FIT_FILE
+    path = Path(run_dir) / ANALYSIS_DIR / FIT_FILE
     pd.DataFrame(rows, columns=list(FIT_COLUMNS)).to_csv(path, index=False)
     return path
