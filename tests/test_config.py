@@ -7,6 +7,7 @@ import pytest
 
 from seismo import config
 from seismo.config import ConfigError
+from seismo.train.engine import check_config
 
 
 def write(tmp_path, name, text):
@@ -71,8 +72,10 @@ def test_yaml_float_strings_and_int_to_float(tmp_path):
     ],
 )
 def test_errors_name_the_key(override, words):
+    """Schema errors come from config.load; registered names (the data source here) from the
+    layer that owns them, through check_config, which train and sweep call first."""
     with pytest.raises(ConfigError) as e:
-        config.load(None, [override])
+        check_config(config.load(None, [override]))
     for w in words:
         assert w in str(e.value), str(e.value)
 

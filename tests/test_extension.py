@@ -9,6 +9,7 @@ import pytest
 from seismo import config, models
 from seismo.models import activations
 from seismo.train import optimizer as opt_lib
+from seismo.train.engine import check_config
 from seismo.train.step import TrainState, make_train_step
 
 
@@ -44,4 +45,4 @@ def test_registered_activation_trains_by_its_config_name(softsign):
 
 def test_unknown_activation_is_a_config_error_listing_names():
     with pytest.raises(config.ConfigError, match=r"unknown activation 'swishh'.*Did you mean 'swish"):
-        config.load(None, ["model.activation=swishh"])
+        check_config(config.load(None, ["model.activation=swishh"]))

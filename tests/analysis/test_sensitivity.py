@@ -14,7 +14,7 @@ NAN = float("nan")
 def test_golden_value_research_9_1():
     got = lr_sensitivity([3.50, 3.40, 3.30, 3.35, 3.60, 7.00, NAN], 10.37664)
     assert got == pytest.approx(1.632377, abs=1e-6), (
-        "RESEARCH.md 9.1 golden value changed: the clamp (NaN -> l0) or the mean over the grid is off")
+        "docs/methods.md §9.1 golden value changed: the clamp (NaN -> l0) or the mean over the grid is off")
 
 
 def test_diverged_nan_inf_and_none_count_as_loss_at_init():

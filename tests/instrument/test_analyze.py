@@ -19,9 +19,10 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from seismo import cli, config, data, instrument, models
+from seismo import analysis, cli, config, data, models
+from seismo.analysis import checkpoints as analyze
 from seismo.config import ConfigError
-from seismo.instrument import analyze, tables
+from seismo.instrument import tables
 from seismo.instrument.dynamics_fit import massive_dynamics
 from seismo.train import checkpoint as ckpt_lib
 from seismo.train import optimizer as opt_lib
@@ -144,8 +145,16 @@ def test_sparsity_matches_numpy_and_cett_is_consistent(run, restored):
     np.testing.assert_allclose(metric(df, steps[-1], "cett_ppl_ratio"), np.exp(sparse - dense), rtol=1e-5)
     w = np.asarray(params["blocks"]["mlp"]["down"]["kernel"], np.float64)  # [L, F, D]
     norms = np.abs(m) * np.linalg.norm(w, axis=-1)[:, None, :]
-    ratio = (norms >= thr[:, None, None]).mean((1, 2))
-    np.testing.assert_allclose(metric(df, steps[-1], "cett_activation_ratio"), ratio, atol=1e-6)
+    # The threshold is one of the token-neuron norms themselves (the bisection lands on the
+    # sorted norms), so the neuron that sets it sits exactly on it: float64 here and float32
+    # in the code can put it on either side, and a CPU's rounding decides which. Count the
+    # norms within float32 rounding of the threshold as either active or not.
+    band = 4 * np.finfo(np.float32).eps * thr[:, None, None]
+    at_least = (norms >= thr[:, None, None] + band).mean((1, 2))
+    at_most = (norms >= thr[:, None, None] - band).mean((1, 2))
+    got = metric(df, steps[-1], "cett_activation_ratio")
+    assert np.all(at_least <= got + 1e-9) and np.all(got <= at_most + 1e-9), (at_least, got, at_most)
+    assert np.all(at_most - at_least <= 2 / norms[0].size), "more than one tie per layer: not rounding"
     assert 0 < metric(df, steps[-1], "cett_target")[0] < 1
 
 
@@ -259,7 +268,7 @@ def test_missing_run_or_checkpoints(tmp_path):
 def test_probe_without_run_dir_gives_the_same_tables(run, restored):
     _, _, steps, tabs = run
     model, params, batch, _, _ = restored
-    assert instrument.probe is analyze.probe  # exported for notebooks
+    assert analysis.probe is analyze.probe  # exported for notebooks
     got = analyze.probe(model, params, batch["inputs"], cett_p=None)  # same shapes: no new compile
     assert set(got) == set(tables.GROUPS)
     for group, df in got.items():

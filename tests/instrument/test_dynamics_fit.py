@@ -7,14 +7,14 @@ import pytest
 
 from seismo.instrument import dynamics_fit as dyn
 
-# Pythia-like checkpoint steps: log-spaced 1..512, then every 1000 up to 143k (RESEARCH.md 4.1).
+# Pythia-like checkpoint steps: log-spaced 1..512, then every 1000 up to 143k (docs/methods.md §4.1).
 STEPS = np.concatenate([[0], 2.0 ** np.arange(10), np.arange(1000, 143_001, 1000)])
 
 
 def test_peak_time_golden_value():
     got = dyn.peak_time(2.0, 0.5, 1e-4, 1.0)
     assert got == pytest.approx(13457.5, abs=0.05), (
-        "RESEARCH.md 9.6: (exp(W(2)) - 1) / 1e-4 = 13457.5; the Lambert-W peak formula changed"
+        "docs/methods.md §9.6: (exp(W(2)) - 1) / 1e-4 = 13457.5; the Lambert-W peak formula changed"
     )
 
 

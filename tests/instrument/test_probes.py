@@ -1,6 +1,8 @@
 """In-step probes against independent computations: numpy over the taps, the optimizer's own
 update, and gradients computed separately."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,4 +104,47 @@ def test_head_stats_and_learnable_activation_params():
     assert act and all("activation" in k for k in act)
     beta = [k for k in act if k.endswith("beta")][0]
     assert np.allclose(np.asarray(probes[beta]), 1.0, atol=0.05)  # init 1, one small step
-    assert float(probes["logz_mean"]) == pytest.approx(float(metrics["logz_mean"]))
+    # log Z from the logits of the params the step started from, in float64 numpy
+    logits = np.asarray(model.apply(params, tokens)[0], np.float64)
+    top = logits.max(-1, keepdims=True)
+    logz = (top[..., 0] + np.log(np.exp(logits - top).sum(-1)))
+    assert float(probes["logz_mean"]) == pytest.approx(logz.mean(), rel=1e-5)
+    assert float(probes["logz_max"]) == pytest.approx(logz.max(), rel=1e-5)
+
+
+class _CountingProbe:
+    """A user probe: one statistic inside the step, then its own row and a warning on the host."""
+
+    def __init__(self, model, cfg):
+        self.seen = []
+
+    def inside_step(self, info):
+        return {"embed_rms": jnp.sqrt(jnp.mean(jnp.square(info.new_params["embed"]["embedding"]))),
+                "n_taps": jnp.asarray(len(info.taps), jnp.int32)}
+
+    def on_step(self, step, summary, log):
+        self.seen.append(step)
+        log.write({"step": step, "kind": "probe", **summary})
+        if step == 4:
+            log.warn(step, "a test warning")
+
+
+def test_a_user_probe_runs_both_halves_through_train(tmp_path):
+    from seismo import rundir
+    from seismo.instrument.probes import StepProbe
+    from seismo.train.loop import train
+
+    made = []
+
+    def factory(model, cfg):
+        made.append(_CountingProbe(model, cfg))
+        return made[-1]
+
+    cfg = config.with_overrides(CFG, ["run.steps=4", "run.probe_every=2", "run.progress=off", "run.eval_every=4",
+                                      "run.checkpoint_async=false", "data.eval_sequences=4", "optimizer.warmup_steps=1"])
+    train(cfg, tmp_path, probe=factory)
+    assert len(made) == 1 and isinstance(made[0], StepProbe) and made[0].seen == [2, 4]
+    rows = [json.loads(x) for x in (tmp_path / rundir.METRICS_FILE).read_text().splitlines()]
+    probes = [r for r in rows if r["kind"] == "probe"]
+    assert [r["step"] for r in probes] == [2, 4] and all(r["n_taps"] > 0 and r["embed_rms"] > 0 for r in probes)
+    assert [r["warning"] for r in rows if r["kind"] == "warning"] == ["a test warning"]

@@ -30,7 +30,7 @@ def test_dead_neurons_of_a_relu_map_with_known_zero_pattern(rng):
     np.testing.assert_allclose(sparsity.dead_fraction(state), 2 / 8)
     assert [i for i in range(n_neurons) if not state.active[i]] == dead
     assert int(state.n_tokens) == 3 * 16 + 4
-    # tau: "never above tau" (RESEARCH.md 7.7) counts the 0.5 spike as silent at tau = 0.5
+    # tau: "never above tau" (docs/methods.md §7.7) counts the 0.5 spike as silent at tau = 0.5
     strict = sparsity.ever_active_update(sparsity.ever_active_init(n_neurons), last, tau=0.5)
     np.testing.assert_allclose(sparsity.dead_fraction(strict.active), 1.0)
 

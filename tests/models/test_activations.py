@@ -1,4 +1,4 @@
-"""Activations against independent numpy formulas, golden values of RESEARCH.md 9.4-9.5, the
+"""Activations against independent numpy formulas, golden values of docs/methods.md §9.4-9.5, the
 registry's errors, and the ten-line extension path of docs/activations.md."""
 
 import math
@@ -84,13 +84,13 @@ def pau_numpy(x, a, b, version):
 
 def test_pau_golden_values_at_init():
     y, variables = run("pau", np.array([0.0, 1.0, -1.0], np.float32))
-    msg = "PAU init moved: check PAU_A_INIT/PAU_B_INIT against RESEARCH.md 6.1 (pau Pade.py)"
+    msg = "PAU init moved: check PAU_A_INIT/PAU_B_INIT against docs/methods.md §6.1 (pau Pade.py)"
     np.testing.assert_allclose(y, [0.0335584, 1.00081, -0.00919], atol=1e-5, err_msg=msg)
     assert variables["params"]["a"].dtype == jnp.float32 and variables["params"]["a"].shape == (6,)
     assert variables["params"]["b"].shape == (4,)
     grid = np.linspace(-3, 3, 6001).astype(np.float32)
     err = np.abs(run("pau", grid)[0] - np.where(grid > 0, grid, 0.01 * grid))
-    assert abs(err.max() - 0.03356) < 1e-5, msg  # RESEARCH.md 9.5
+    assert abs(err.max() - 0.03356) < 1e-5, msg  # docs/methods.md §9.5
     assert abs(grid[err.argmax()]) < 1e-3  # the worst point is x = 0, where F(0) = a0
 
 
@@ -137,7 +137,7 @@ def test_apa_small_lambda_is_gumbel_cdf():
     err = np.abs(y - np.exp(-np.exp(-z.astype(np.float64)))).max()
     # With u = e^-z, log APA = -log(1 + lambda u) / lambda = -u + lambda u^2 / 2 + O(lambda^2), so
     # the error is about lambda u^2 e^-u / 2, largest at u = 2: 2 lambda e^-2 = 2.707e-5 (at
-    # z = -log 2). RESEARCH.md 9.4 says <= 2.5e-5; the exact function in float64 gives 2.707e-5.
+    # z = -log 2), the value docs/methods.md §9.4 gives.
     bound = 2 * 1e-4 * math.exp(-2)
     assert abs(err - bound) < 1e-6, f"APA(lambda=1e-4) vs Gumbel CDF: {err:.4g}, expected {bound:.4g}"
     y0, _ = run("apa", z, {"lambda_": 0.0, "kappa": 1.0})  # clamped to 1e-4

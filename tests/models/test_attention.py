@@ -57,7 +57,7 @@ def test_weight_functions_mask_exactly_and_softmax_rows_sum_to_one():
 
 
 def test_sigmoid_row_mass_at_zero_logits_is_closed_form():
-    # RESEARCH.md 2.5: with zero logits every visible weight is sigma(b), so row i carries
+    # docs/methods.md §2.5: with zero logits every visible weight is sigma(b), so row i carries
     # (i + 1) sigma(b); with b = -log n and T = n the last row carries n / (n + 1).
     n = 16
     cfg = tiny(attention="sigmoid", max_seq_len=n)

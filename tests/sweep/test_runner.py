@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from seismo.analysis import load_run, report
+from seismo.config.sweepfile import expand, load_sweep_spec, run_dir
 from seismo.sweep.runner import run_sweep
-from seismo.sweep.spec import expand, load_sweep_spec, run_dir
 from seismo.train.loop import train
 
 pytestmark = pytest.mark.xdist_group("sweep_runner")
@@ -33,7 +33,7 @@ def sweep_file(tmp_path, grid: dict, execution: str) -> str:
 
 def losses(d):
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    return np.array([r["loss"] for r in rows if "loss" in r and not r.get("probe")])
+    return np.array([r["loss"] for r in rows if r.get("kind") == "train"])
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,54 @@ def test_bad_sweep_fails_before_training(tmp_path):
     with pytest.raises(SweepError, match="optimizer.lr"):
         run_sweep(path, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _train_rows(d):
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    return {k: [(r["step"], r.get("loss", r.get("eval_loss"))) for r in rows if r["kind"] == k] for k in ("train", "eval")}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_mid_group_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    """A vmapped group goes through the one training loop: SIGTERM saves every point at the
+    same step and exits 0, and the resumed sweep is bit-identical to one never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "base.yaml").write_text(BASE)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "stop", "base": "base.yaml", "execution": "vmap", "grid": {"optimizer.lr": [1e-3, 1e-2]},
+        "set": ["run.steps=300", "run.log_every=5", "run.eval_every=100", "run.checkpoint_every=100",
+                "run.probe_every=10"]}))
+    ref = run_sweep(path, out=tmp_path / "ref")
+    points = expand(load_sweep_spec(path))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "seismo.cli", "sweep", str(path), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    first = run_dir(out, points[0]) / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if first.exists() and any(json.loads(x).get("step", 0) >= 20 for x in first.read_text().splitlines()[-3:]
+                                  if x.endswith("}")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "preempted" in stdout and not (out / "results.csv").exists(), stdout
+    stopped = [json.loads((run_dir(out, p) / "status.json").read_text()) for p in points]
+    assert {s["status"] for s in stopped} == {"preempted"} and len({s["step"] for s in stopped}) == 1, stopped
+    assert 20 <= stopped[0]["step"] < 300, "the signal must land mid-group"
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for p in points:
+        got, want = _train_rows(run_dir(out, p)), _train_rows(run_dir(ref, p))
+        assert got == want, f"{p.name}: the resumed point differs from the uninterrupted one"
+        assert json.loads((run_dir(out, p) / "status.json").read_text())["status"] == "finished"
+    assert pd.read_csv(out / "results.csv")["loss_at_init"].tolist() == \
+        pd.read_csv(ref / "results.csv")["loss_at_init"].tolist()

@@ -17,7 +17,7 @@ import jax
 import pytest
 
 from seismo import config
-from seismo.train import aot
+from seismo.train import aot, engine
 
 GiB = 2**30
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,21 +152,21 @@ def test_batch_that_the_mesh_cannot_split_fails_before_compiling():
     cfg = config.load(None, MICRO + ["data.batch_size=6"])
     mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 1, "tensor": 1})  # checked before any use
     with pytest.raises(config.ConfigError, match=r"data.batch_size \(6\) must be divisible by mesh data\*fsdp \(4\)"):
-        aot.build_abstract_step(cfg, mesh)
+        engine.build(cfg, mesh)
 
 
 SHARDINGS_MATCH_TRAINER = """
 import json
 import jax
+import optax
 from seismo import config
-from seismo.train import aot
-from seismo.train.loop import Trainer
+from seismo.train import aot, engine, mesh
 cfg = config.load(None, {overrides!r})
-tr = Trainer(cfg, {run_dir!r})
-built = aot.build_abstract_step(cfg, tr.mesh)
-same = jax.tree.map(lambda a, b: a == b, tr.state_sh, built["state_shardings"])
-assert all(jax.tree.leaves(same)), "aot's state shardings differ from the Trainer's"
-assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(built["state_shardings"].params))
+built = engine.build(cfg, mesh.make_mesh(cfg.mesh))  # what training runs, and what aot compiles
+sh = built.state_shardings
+assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(sh.params)), "nothing is sharded"
+adam = optax.tree_utils.tree_get(sh.opt_state, "ScaleByAdamState")
+assert jax.tree.leaves(adam.mu) == jax.tree.leaves(sh.params), "Adam's moments are not sharded like the params"
 report = aot.compile_for_devices(cfg, jax.devices(), hbm_bytes_per_device=2**30)
 assert report["mesh"] == {{"data": 2, "fsdp": 2, "tensor": 1}} and report["n_devices"] == 4, report
 assert set(report["steps"]) == {{"train"}} and report["fits"], report  # probe step only with run.probe_every
@@ -182,9 +182,8 @@ print("ok")
 @pytest.mark.multiprocess
 def test_sharded_step_matches_the_trainer_on_fake_devices(tmp_path):
     """The whole path except libtpu, on 4 fake CPU devices as (data=2, fsdp=2): the AOT step has
-    the Trainer's shardings, compiles ahead of time, and reports memory and FLOPs."""
-    code = SHARDINGS_MATCH_TRAINER.format(overrides=MICRO + ["mesh.data=2", "mesh.fsdp=2"],
-                                          run_dir=str(tmp_path / "run"))
+    the engine's shardings (the training step's), compiles ahead of time, and reports memory and FLOPs."""
+    code = SHARDINGS_MATCH_TRAINER.format(overrides=MICRO + ["mesh.data=2", "mesh.fsdp=2"])
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)

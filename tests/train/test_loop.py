@@ -36,7 +36,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in rows(run_dir) if "loss" in r and not r.get("probe")}
+    return {r["step"]: r["loss"] for r in rows(run_dir) if r.get("kind") == "train"}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_divergence_is_recorded_not_raised(tmp_path):
     result = train(cfg, tmp_path)
     assert result.status == "diverged" and result.exit_code == 3
     last = rows(tmp_path)[-1]
-    assert last["diverged"] is True and last["loss"] is None and last["step"] <= 30
+    assert last["kind"] == "divergence" and last["loss"] is None and last["step"] <= 30
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "diverged"
 
 
