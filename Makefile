@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-random demo lint bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "seismo needs $(PYTHON) (Python 3.11+); set PYTHON=..."; exit 1; }
@@ -20,10 +20,16 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -p no:randomly
+
+# The same suite in a random order (pytest-randomly; the seed is printed, -p randomly:SEED repeats it).
+test-random: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 lint: install
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports
 
 demo: install
 	$(BIN)/seismo sweep configs/studies/qk_layernorm.yaml --out runs/qk_layernorm
