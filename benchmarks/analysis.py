@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seismo import config, data, models
-from seismo.instrument.analyze import analyze_run
+from seismo.analysis.checkpoints import analyze_run
 from seismo.instrument.tables import GROUPS
 from seismo.train.checkpoint import Checkpointer
 from seismo.train.loop import train

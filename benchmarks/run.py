@@ -19,13 +19,15 @@ overhead suite times the loop's host-side pieces alone.
 Variants (all on the same model from `seismo.models.build`, the same batch shape):
   hand        hand-written baseline: CE loss, optax.adamw chain, jax.jit; one pre-made
               device batch, nothing fetched (the lower bound a minimal script reaches)
-  step        seismo's jitted `Trainer.step_fn` on one pre-made device batch, nothing fetched
-  step+batch  `step` fed by `Trainer.device_batch(step)` (host batch + device put) each step
+  step        seismo's jitted `engine.train_step` (`seismo.train.engine.build`) on one
+              pre-made device batch, nothing fetched
+  step+batch  `step` fed by `Feed(engine).batch(step)` (host batch + device put) each step
   loop        the loop path of `seismo.train.loop._run_steps` minus eval and checkpoints:
-              `device_batch`, the step, and the previous step's metrics fetched and recorded
-              (metrics.jsonl row every run.log_every steps) one step late
+              `feed.batch`, the step, and the previous step's metrics fetched and recorded
+              by the loop's `Recorder` into a `PointRun` (metrics.jsonl row every
+              run.log_every steps) one step late
   loop/p10    `loop` with run.probe_every=10: the loop's `_probe_due` picks the instrumented
-              `Trainer.probe_step_fn` every 10th step and records its probe row
+              `engine.probe_step` every 10th step and the run's probe records its probe row
   loop/p1     the same with run.probe_every=1
   probe_step  the instrumented step alone on a pre-made batch, nothing fetched
   step+sync, step+late, step+late/vector (fetch suite): `step` with its metrics dict fetched
@@ -70,9 +72,11 @@ import optax  # noqa: E402
 
 from seismo import config as config_lib  # noqa: E402
 from seismo import models  # noqa: E402
+from seismo.train import engine as engine_lib  # noqa: E402
 from seismo.train import mesh as mesh_lib  # noqa: E402
-from seismo.train.loop import Trainer, _probe_due, _Recorder  # noqa: E402
-from seismo.train.metrics import MetricsWriter, Progress  # noqa: E402
+from seismo.train import optimizer as opt_lib  # noqa: E402
+from seismo.train.loop import Feed, PointRun, Recorder, _probe_due  # noqa: E402
+from seismo.train.metrics import Progress  # noqa: E402
 from seismo.train.step import make_train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +88,9 @@ FALLBACK_TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "mod
 FALLBACK_PROXY = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.qk_norm=true",
                   "model.max_seq_len=128"]
 PROXY_DATA = ["data.batch_size=8", "data.seq_len=128"]
-# Benchmark-only settings: a long schedule (warmup must fit), no progress bar, probes
-# compiled (the loop still decides per step which function to call).
+# Benchmark-only settings: a long schedule (warmup must fit), no progress bar, probes on
+# (the engine is also built with probes=True; the loop still decides per step which
+# function to call).
 BENCH = ["run.steps=100000", "run.progress=off", "run.probe_every=1"]
 
 
@@ -199,20 +204,26 @@ def make_hand_step(model: Any, cfg: config_lib.Config) -> tuple[Callable, Any, A
 
 
 class Bench:
-    """One preset: the Trainer, the baseline, and a runner per variant (`run(n)` does n steps
-    and returns when they are done)."""
+    """One preset: the engine and its feed, the baseline, and a runner per variant (`run(n)`
+    does n steps and returns when they are done)."""
 
     def __init__(self, preset: Preset, tmp: Path):
         self.preset, self.cfg = preset, preset.cfg
         t0 = time.perf_counter()
-        self.tr = Trainer(self.cfg, tmp / preset.name)
-        self.state = self.tr.init_state()
-        self.fixed_batch = self.tr.device_batch(0)
-        self.writer = MetricsWriter(tmp / preset.name)
-        (tmp / preset.name).mkdir(parents=True, exist_ok=True)
-        self.rec = _Recorder(self.tr, self.writer, Progress(self.cfg.run.steps, 0, "off"), 0)
+        run_dir = tmp / preset.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        engine_lib.check_config(self.cfg)
+        # probes=True: the instrumented step is built whatever run.probe_every says.
+        self.engine = engine_lib.build(self.cfg, mesh_lib.make_mesh(self.cfg.mesh), probes=True)
+        self.feed = Feed(self.engine)
+        self.state = self.engine.init_state()
+        self.fixed_batch = self.feed.batch(0)
+        probe = self.engine.probes[0] if self.engine.probes else None
+        self.run = PointRun(self.cfg, run_dir, True, probe)
+        self.writer = self.run.writer
+        self.rec = Recorder(self.engine, [self.run], Progress(self.cfg.run.steps, 0, "off"), 0)
         self.step = 0
-        self.hand_fn, self.hand_params, self.hand_opt = make_hand_step(self.tr.model, self.cfg)
+        self.hand_fn, self.hand_params, self.hand_opt = make_hand_step(self.engine.model, self.cfg)
         self.setup_s = time.perf_counter() - t0
         self.compile_s: dict[str, float] = {}
         self.errors: dict[str, str] = {}  # variant -> the exception that stopped it
@@ -228,24 +239,24 @@ class Bench:
 
     def run_step(self, n: int) -> None:
         for _ in range(n):
-            self.state, metrics = self.tr.step_fn(self.state, self.fixed_batch)
+            self.state, metrics = self.engine.train_step(self.state, self.fixed_batch)
         jax.block_until_ready((self.state, metrics))
 
     def run_probe_step(self, n: int) -> None:
         for _ in range(n):
-            self.state, metrics, probes = self.tr.probe_step_fn(self.state, self.fixed_batch)
+            self.state, metrics, probes = self.engine.probe_step(self.state, self.fixed_batch)
         jax.block_until_ready((self.state, metrics, probes))
 
     def run_step_batch(self, n: int) -> None:
         for _ in range(n):
-            self.state, metrics = self.tr.step_fn(self.state, self.tr.device_batch(self.step))
+            self.state, metrics = self.engine.train_step(self.state, self.feed.batch(self.step))
             self.step += 1
         jax.block_until_ready((self.state, metrics))
 
     def run_fetch(self, n: int, mode: str) -> None:
         """The step with its metrics fetched every step: at once ('sync'), one step late as the
         loop does ('late'), or one step late as one stacked float32 vector ('vector')."""
-        fn = self.vector_step_fn() if mode == "vector" else self.tr.step_fn
+        fn = self.vector_step_fn() if mode == "vector" else self.engine.train_step
         pending = None
         for _ in range(n):
             self.state, metrics = fn(self.state, self.fixed_batch)
@@ -260,25 +271,26 @@ class Bench:
     def vector_step_fn(self) -> Callable:
         """seismo's step with its metrics stacked into one vector inside the jit (one transfer)."""
         if not hasattr(self, "_vector_step"):
-            tr = self.tr
-            step = make_train_step(tr.model, tr.tx, self.cfg, tr.schedule)
+            e, steps = self.engine, self.cfg.run.steps
+            tx = opt_lib.build(self.cfg.optimizer, self.cfg.model, e.params_shape, steps)
+            step = make_train_step(e.model, tx, self.cfg, opt_lib.schedule(self.cfg.optimizer, steps))
 
             def vector_step(state, batch):
                 state, metrics = step(state, batch)
                 return state, jnp.stack([metrics[k].astype(jnp.float32) for k in sorted(metrics)])
 
-            self._vector_step = jax.jit(vector_step, in_shardings=(tr.state_sh, tr.batch_sh),
+            self._vector_step = jax.jit(vector_step, in_shardings=(e.state_shardings, e.batch_sharding),
                                         donate_argnums=(0,))
         return self._vector_step
 
     def run_loop(self, n: int, probe_every: int = 0) -> None:
         """The body of `seismo.train.loop._run_steps` without eval and checkpoints."""
-        tr = self.tr
+        e = self.engine
         cfg = dataclasses.replace(self.cfg, run=dataclasses.replace(self.cfg.run, probe_every=probe_every))
         pending = None
         for _ in range(n):
-            probing = tr.probe_step_fn is not None and _probe_due(cfg, self.step + 1)
-            out = (tr.probe_step_fn if probing else tr.step_fn)(self.state, tr.device_batch(self.step))
+            probing = e.probe_step is not None and _probe_due(cfg, self.step + 1)
+            out = (e.probe_step if probing else e.train_step)(self.state, self.feed.batch(self.step))
             self.state, self.step = out[0], self.step + 1
             if pending is not None:
                 self.rec(*pending)
@@ -293,7 +305,7 @@ class Bench:
         if variant == "hand":
             lowered = self.hand_fn.lower(self.hand_params, self.hand_opt, b["inputs"], b["targets"])
         else:
-            fn = self.tr.probe_step_fn if variant == "probe_step" else self.tr.step_fn
+            fn = self.engine.probe_step if variant == "probe_step" else self.engine.train_step
             lowered = fn.lower(self.state, b)
         ca = lowered.compile().cost_analysis()
         ca = ca[0] if isinstance(ca, list) else ca
@@ -361,22 +373,23 @@ def measure(bench: Bench, variants: list[str], steps: int, repeats: int, warmup:
 MICRO = {
     "data.batch (host batch)": "Dataset.batch(step, rows): numpy batch on the host",
     "put_batch (device put)": "mesh.put_batch: make_array_from_process_local_data per array",
-    "device_batch (both)": "Trainer.device_batch: the two above",
+    "Feed.batch (both)": "loop.Feed.batch: the two above",
     "ref: jax.device_put(batch)": "reference: one jax.device_put of the host batch dict",
     "device_get(metrics)": "jax.device_get of the step's metrics dict (finished step)",
     "ref: device_get(one array)": "reference: jax.device_get of one float32 vector as long as the metrics dict",
-    "recorder(metrics)": "loop._Recorder on metrics: fetch, finiteness check, row every log_every",
+    "recorder(metrics)": "loop.Recorder on metrics: fetch, finiteness check, row every log_every",
     "device_get(probes)": "jax.device_get of the probe dict (finished step)",
     "write(probe row)": "MetricsWriter.write of the probe row (to_jsonable + json + append)",
-    "recorder(metrics, probes)": "loop._Recorder on a probe step: both fetches, probe row, logit trend",
+    "recorder(metrics, probes)": "loop.Recorder on a probe step: both fetches, the probe's on_step (probe row, "
+                                 "logit trend)",
 }
 
 
 def micro_costs(bench: Bench, step_calls: int, calls: int = 200) -> dict[str, tuple[float, float]]:
     """(median, mean) seconds per call of the host-side pieces of the loop, each timed alone.
     The fetches are of finished steps, so they time the transfer and recording, no waiting."""
-    tr, rows_n = bench.tr, bench.cfg.data.batch_size
-    rows = mesh_lib.host_rows(tr.batch_sh, rows_n)
+    e, feed, rows_n = bench.engine, bench.feed, bench.cfg.data.batch_size
+    data, rows = feed.datasets[bench.cfg.run.seed], feed.rows
     out: dict[str, list[float]] = {k: [] for k in MICRO}
 
     def timed(key: str, fn: Callable[[], Any]) -> Any:
@@ -386,13 +399,13 @@ def micro_costs(bench: Bench, step_calls: int, calls: int = 200) -> dict[str, tu
         return result
 
     for i in range(calls):
-        host = timed("data.batch (host batch)", functools.partial(tr.data.batch, i, rows))
-        timed("put_batch (device put)", functools.partial(mesh_lib.put_batch, host, tr.batch_sh, rows_n))
-        timed("ref: jax.device_put(batch)", functools.partial(jax.device_put, host, tr.batch_sh))
-        timed("device_batch (both)", functools.partial(tr.device_batch, i))
+        host = timed("data.batch (host batch)", functools.partial(data.batch, i, rows))
+        timed("put_batch (device put)", functools.partial(mesh_lib.put_batch, host, e.batch_sharding, rows_n))
+        timed("ref: jax.device_put(batch)", functools.partial(jax.device_put, host, e.batch_sharding))
+        timed("Feed.batch (both)", functools.partial(feed.batch, i))
     # A fetched jax.Array caches its host copy, so every fetch below gets fresh arrays.
     for i in range(2 * step_calls):
-        bench.state, metrics = tr.step_fn(bench.state, bench.fixed_batch)
+        bench.state, metrics = e.train_step(bench.state, bench.fixed_batch)
         vec = jnp.zeros(len(metrics), jnp.float32) + i
         jax.block_until_ready((metrics, vec))
         bench.step += 1
@@ -402,12 +415,12 @@ def micro_costs(bench: Bench, step_calls: int, calls: int = 200) -> dict[str, tu
         else:
             timed("recorder(metrics)", functools.partial(bench.rec, bench.step, metrics, None))
     for i in range(2 * step_calls if "probe_step" not in bench.errors else 0):
-        bench.state, metrics, probes = tr.probe_step_fn(bench.state, bench.fixed_batch)
+        bench.state, metrics, probes = e.probe_step(bench.state, bench.fixed_batch)
         jax.block_until_ready(probes)
         bench.step += 1
         if i % 2:
             host_probes = timed("device_get(probes)", functools.partial(jax.device_get, probes))
-            timed("write(probe row)", functools.partial(bench.writer.write, {"step": bench.step, "probe": True,
+            timed("write(probe row)", functools.partial(bench.writer.write, {"step": bench.step, "kind": "probe",
                                                                              **host_probes}))
         else:
             timed("recorder(metrics, probes)", functools.partial(bench.rec, bench.step, metrics, probes))
@@ -557,14 +570,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load average at start {info['loadavg_start'][0]:.2f}; busiest processes (%CPU): "
           f"{'; '.join(info['top_processes_start'][:4])}")
     results: dict[str, Any] = {"machine": info, "args": vars(args) | {"json": str(args.json)}, "presets": {}}
-    warnings.simplefilter("ignore")  # the recorder's logit-trend warning: computed, not printed
-    # The loop imports this (and pandas) at the 4th probe row; a one-off, kept out of the timings.
-    t0 = time.perf_counter()
-    import seismo.analysis.extrapolate  # noqa: F401
-
-    info["one_off_import_extrapolate_s"] = time.perf_counter() - t0
-    print(f"one-off: the first logit-trend check imports seismo.analysis.extrapolate (pandas): "
-          f"{info['one_off_import_extrapolate_s'] * 1e3:.0f} ms, done here before timing\n")
+    warnings.simplefilter("ignore")  # library warnings; the logit-trend warning goes to the run log (and stderr)
+    print()
     with tempfile.TemporaryDirectory(prefix="seismo-bench-") as tmp:
         for preset in load_presets(args.presets.split(",")):
             plan = PLANS[preset.kind]
@@ -591,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in suites:
                 print(f"### {s}: {preset.name}\n")
                 print(report(s, bench, times, micro, costs))
+            bench.run.ckpt.close()  # the run record's checkpoint manager (nothing was saved)
             del bench
     info["loadavg_end"] = os.getloadavg()
     print(f"total {time.perf_counter() - t_start:.0f}s; load average at end {info['loadavg_end'][0]:.2f}")
