@@ -21,8 +21,11 @@ examples:
 
 The run directory holds config.yaml (resolved), metrics.jsonl (one JSON row per logged
 step), status.json and checkpoints/. Starting again on the same directory resumes from
-the newest checkpoint. Exit status: 0 finished or preempted (resumable), 3 diverged
-(a non-finite loss; recorded in metrics.jsonl), 2 bad input.
+the newest checkpoint; a directory made by another config is refused (use another --run-dir,
+or --restart to move the old run aside), except for a longer run.steps and changes of
+cadence (log/eval/probe/checkpoint intervals) or mesh. Exit status: 0 finished or preempted
+(resumable), 3 diverged (a non-finite loss; recorded in metrics.jsonl), 2 bad input or a
+run directory that is in use or was made by another config.
 """
 
 
@@ -47,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set optimizer.lr=3e-3 (repeatable)")
     t.add_argument("--run-dir", default=None,
                    help="where the run is written (default: runs/<config name>); an existing run resumes")
+    t.add_argument("--restart", action="store_true",
+                   help="start over: move an existing run directory aside (<dir>.aside-<time>, never deleted)")
 
     s = sub.add_parser("sweep", help="run a grid of training runs from a sweep file",
                        description="Run every point of a sweep file's grid; finished points are skipped "
@@ -93,7 +98,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = config_lib.load(args.config, args.overrides)  # validated before anything compiles
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-        result = train(cfg, run_dir)
+        result = train(cfg, run_dir, restart=args.restart)
         print(f"{result.status} at step {result.step}: {run_dir}"
               + (f" (eval loss {result.final_eval_loss:.4f})" if result.final_eval_loss is not None else ""))
         return result.exit_code

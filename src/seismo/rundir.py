@@ -2,6 +2,7 @@
 
     <run dir>/config.yaml       the resolved config that made the run
     <run dir>/metrics.jsonl     one JSON object per line, each with `step` and `kind`
+    <run dir>/metrics.aside.jsonl  lines a resume took out of metrics.jsonl (never deleted)
     <run dir>/status.json       running | finished | diverged | preempted, with the step
     <run dir>/checkpoints/      Orbax checkpoints (seismo.train.checkpoint)
     <run dir>/analysis/         tables of the checkpoint analysis (seismo.analysis.checkpoints)
@@ -13,11 +14,13 @@ A sweep directory keeps its spec as `sweep.yaml` and one run directory per point
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+METRICS_ASIDE_FILE = "metrics.aside.jsonl"  # lines a resume took out of metrics.jsonl, kept
 STATUS_FILE = "status.json"
 CHECKPOINTS_DIR = "checkpoints"
 ANALYSIS_DIR = "analysis"
@@ -46,3 +49,18 @@ def row_kind(row: Mapping[str, Any]) -> str:
     if "eval_loss" in row:
         return "eval"
     return "train"
+
+
+def parse_row(line: str) -> dict[str, Any] | None:
+    """A metrics row from one line of metrics.jsonl: a JSON object with an integer `step`;
+    None for anything else (a half-written line, a list, a step that is not a number)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict):
+        return None
+    step = row.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        return None
+    return row

@@ -53,6 +53,7 @@ from seismo.instrument.stats import SINK_EPS
 from seismo.instrument.tables import GROUPS, check_groups, columns
 from seismo.rundir import ANALYSIS_DIR, CHECKPOINTS_DIR, CONFIG_FILE
 from seismo.train.checkpoint import Checkpointer
+from seismo.train.ownership import RunLock
 
 DEFAULT_EVAL_SEQUENCES = 16
 DONE_FILE = "done.json"
@@ -234,6 +235,12 @@ def analyze_run(run_dir: str | os.PathLike, probes: Iterable[str] | str | None =
     if eval_sequences is not None and eval_sequences < 1:
         raise ConfigError(f"eval_sequences must be >= 1, got {eval_sequences}")
     cfg = config_lib.load(run_dir / CONFIG_FILE)
+    with RunLock(run_dir, "seismo analyze"):  # one writer: not while a training writes checkpoints
+        return _analyze(run_dir, cfg, groups, eval_sequences, top_k, sink_eps, cett_p, progress)
+
+
+def _analyze(run_dir: Path, cfg: Any, groups: tuple[str, ...], eval_sequences: int | None, top_k: int,
+             sink_eps: float, cett_p: float | None, progress: bool) -> Path:
     folder = run_dir / ANALYSIS_DIR
     folder.mkdir(exist_ok=True)
     done = _Done.load(folder / DONE_FILE)

@@ -37,6 +37,7 @@ from seismo.rundir import (
     STATUS_FILE,
     row_kind,
 )
+from seismo.train.metrics import parse_row
 
 PathLike = str | os.PathLike[str]
 RESULTS_FILE = "results.csv"
@@ -57,12 +58,8 @@ def read_metrics(path: PathLike) -> tuple[list[dict[str, Any]], int]:
     for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += 1
-            continue
-        if not isinstance(row, dict) or "step" not in row:
+        row = parse_row(line)
+        if row is None:
             skipped += 1
             continue
         kind = row_kind(row)

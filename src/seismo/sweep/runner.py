@@ -46,14 +46,16 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     """Run (or resume) the sweep in `path`; returns the sweep directory."""
     spec = load_sweep_spec(path, overrides, execution=execution, workers=workers)
     points = expand(spec)  # every point's config is validated here, before anything trains
+    from seismo.train import ownership
     from seismo.train.engine import check_config
 
-    for p in points:  # registered names too (activation, data source, ...), for every point first
+    sweep_dir = Path(out) if out is not None else Path("runs") / spec.name
+    for p in points:  # registered names, and each existing run directory's own config, first
         try:
             check_config(p.config)
+            ownership.check_config_matches(run_dir(sweep_dir, p), p.config)
         except ConfigError as e:
             raise SweepError(f"{path}: sweep point {p.name}: {e}") from None
-    sweep_dir = Path(out) if out is not None else Path("runs") / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_spec(spec, sweep_dir)
     todo = [p for p in points if not is_done(run_dir(sweep_dir, p))]

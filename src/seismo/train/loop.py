@@ -37,9 +37,11 @@ from seismo import data as data_lib
 from seismo import rundir
 from seismo.config import Config
 from seismo.instrument.probes import ProbeFactory, StepProbe
+from seismo.rundir import row_kind
 from seismo.train import checkpoint as ckpt_lib
 from seismo.train import engine as engine_lib
 from seismo.train import mesh as mesh_lib
+from seismo.train import ownership
 from seismo.train.engine import Engine
 from seismo.train.metrics import MetricsWriter, Progress
 from seismo.train.step import TrainState, padded_chunks
@@ -216,33 +218,53 @@ class Recorder:
 
 
 def train(cfg: Config, run_dir: str | Path, *, probe: ProbeFactory | None = None,
-          stop_at: int | None = None) -> RunResult:
+          stop_at: int | None = None, restart: bool = False) -> RunResult:
     """Train `cfg` into `run_dir`, resuming from its newest checkpoint if it has one.
     `probe` makes the in-step probe (default: seismo's instability probes, when
     run.probe_every > 0). `stop_at` ends the run early at that step (with a checkpoint), as
-    a preemption would."""
-    return _train([cfg], [Path(run_dir)], vmapped=False, probe=probe, stop_at=stop_at)[0]
+    a preemption would. A run directory made by another config is refused
+    (seismo.train.ownership); `restart` moves it aside first and starts over."""
+    return _train([cfg], [Path(run_dir)], vmapped=False, probe=probe, stop_at=stop_at, restart=restart)[0]
 
 
 def train_group(cfgs: Sequence[Config], run_dirs: Sequence[str | Path], *,
-                stop_at: int | None = None) -> list[RunResult]:
+                stop_at: int | None = None, restart: bool = False) -> list[RunResult]:
     """Train vmappable points (configs that differ only in `engine.VMAPPABLE_KEYS`) as one
     program, each recorded in its own run directory, exactly as `train` records one run."""
-    return _train(list(cfgs), [Path(d) for d in run_dirs], vmapped=True, stop_at=stop_at)
+    return _train(list(cfgs), [Path(d) for d in run_dirs], vmapped=True, stop_at=stop_at, restart=restart)
+
+
+def _claim(cfgs: Sequence[Config], run_dirs: Sequence[Path], writer_host: bool, restart: bool,
+           locks: list[ownership.RunLock]) -> list[str | None]:
+    """Each run directory checked against its config and locked, before anything is written;
+    the notices (run.steps extended) per run."""
+    notices = []
+    for c, d in zip(cfgs, run_dirs):
+        if restart and writer_host:
+            aside = ownership.set_aside(d)
+            if aside is not None:
+                print(f"seismo: moved the old run {d} aside to {aside}", file=sys.stderr, flush=True)
+        notices.append(ownership.check_config_matches(d, c))
+    if writer_host:
+        for d in run_dirs:
+            locks.append(ownership.RunLock(d, "seismo train").acquire())
+    return notices
 
 
 def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: ProbeFactory | None = None,
-           stop_at: int | None = None) -> list[RunResult]:
+           stop_at: int | None = None, restart: bool = False) -> list[RunResult]:
     stop = StopFlag()
     stop.install()  # before anything slow: a signal during start-up or compile still saves
+    locks: list[ownership.RunLock] = []
     try:
         for c in cfgs:
             engine_lib.check_config(c)
         mesh_lib.maybe_initialize_distributed(cfgs[0].mesh)
+        writer_host = jax.process_index() == 0
+        notices = _claim(cfgs, run_dirs, writer_host, restart, locks)
         mesh = mesh_lib.make_mesh(cfgs[0].mesh)
         engine = engine_lib.build(cfgs[0], mesh, points=cfgs if vmapped else None, probe=probe)
         feed = Feed(engine)
-        writer_host = jax.process_index() == 0
         runs = []
         for i, (c, d) in enumerate(zip(cfgs, run_dirs)):
             d.mkdir(parents=True, exist_ok=True)
@@ -253,9 +275,19 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
         if vmapped:
             record["vmapped_group"] = len(cfgs)
         state, step = _start(engine, feed, runs, record)
+        for r, notice in zip(runs, notices):
+            if notice:
+                r.warn(step, notice)
         _run_steps(engine, feed, runs, state, step, record, stop, stop_at)
+        results = _finish(runs)
     finally:
         stop.restore()
+        for lock in locks:
+            lock.release()
+    return results
+
+
+def _finish(runs: Sequence[PointRun]) -> list[RunResult]:
     results = []
     for r in runs:
         r.ckpt.close()
@@ -281,9 +313,22 @@ def _start(engine: Engine, feed: Feed, runs: Sequence[PointRun], record: dict) -
     restored = _restore(engine, runs)
     if restored is not None:
         step, state = restored
-        for r in runs:
-            r.writer.truncate_after(step)
+        kept = [r.writer.truncate_after(step) for r in runs]
+        for r, rows in zip(runs, kept):
             r.step = step
+            evals = [x["eval_loss"] for x in rows if row_kind(x) == "eval"]
+            r.final_eval = evals[-1] if evals else None
+        # An eval row due at the restored step is missing when the run was killed between
+        # that checkpoint and its eval (the final one included): compute it now.
+        cfg = engine.cfg
+        due = step > 0 and (step % cfg.run.eval_every == 0 or step == cfg.run.steps)
+        # Every host evaluates (a collective), whatever its own copy of the file says.
+        if due:
+            losses = feed.evaluate(state.params)
+            for i, (r, rows) in enumerate(zip(runs, kept)):
+                r.final_eval = float(losses[i])
+                if not any(row_kind(x) == "eval" and x["step"] == step for x in rows):
+                    r.writer.write({"step": step, "kind": "eval", "eval_loss": r.final_eval})
         return state, step
     state = engine.init_state()
     losses = feed.evaluate(state.params)

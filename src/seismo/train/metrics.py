@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from seismo.rundir import METRICS_FILE, STATUS_FILE, row_kind
+from seismo.rundir import METRICS_ASIDE_FILE, METRICS_FILE, STATUS_FILE, parse_row, row_kind
 
 
 def to_jsonable(value: Any) -> Any:
@@ -45,21 +45,31 @@ class MetricsWriter:
         self.status_path = Path(run_dir) / STATUS_FILE
         self.enabled = enabled
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged past `step` by a run that was killed after its last checkpoint."""
+    def truncate_after(self, step: int) -> list[dict[str, Any]]:
+        """Make the file read as one uninterrupted run up to `step` (the restored checkpoint):
+        rows logged past it by a run killed after its last checkpoint, preemption rows, and
+        lines that are not rows at all (a half-written last line, bytes that are not UTF-8)
+        move to `metrics.aside.jsonl`, after a line saying when and why; nothing is deleted.
+        Returns the rows kept."""
         if not (self.enabled and self.path.exists()):
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a half-written last line from a kill
-                continue
-            if row.get("step", 0) <= step and row_kind(row) != "preemption":
-                kept.append(line)
+            return []
+        kept_lines, kept, aside = [], [], []
+        for raw in self.path.read_bytes().splitlines():
+            line = raw.decode("utf-8", errors="replace")
+            row = parse_row(line)
+            if row is not None and row["step"] <= step and row_kind(row) != "preemption":
+                kept_lines.append(line)
+                kept.append(row)
+            elif line.strip():
+                aside.append(line)
+        if aside:
+            note = {"set_aside": time.time(), "resumed_from_step": step, "lines": len(aside)}
+            with (self.path.parent / METRICS_ASIDE_FILE).open("a") as f:
+                f.write(json.dumps(note) + "\n" + "".join(a + "\n" for a in aside))
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.write_text("".join(k + "\n" for k in kept_lines))
         os.replace(tmp, self.path)
+        return kept
 
     def write(self, row: Mapping[str, Any]) -> None:
         if not self.enabled:
