@@ -8,6 +8,7 @@ finished or was preempted (SIGTERM/SIGINT: it saved and can be resumed), 3 when 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -114,6 +115,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         out = analyze_run(args.run_dir, probes=args.probes, eval_sequences=args.eval_sequences)
         print(f"analysis tables written to {out}")
+        skipped = json.loads((out / "done.json").read_text()).get("skipped", {})
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable checkpoint(s): " + "; ".join(f"step {k}: {v}" for k, v in skipped.items()))
         return 0
     if args.command == "report":
         from seismo.analysis import report

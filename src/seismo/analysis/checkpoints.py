@@ -53,6 +53,7 @@ from seismo.instrument.stats import SINK_EPS
 from seismo.instrument.tables import GROUPS, check_groups, columns
 from seismo.rundir import ANALYSIS_DIR, CHECKPOINTS_DIR, CONFIG_FILE
 from seismo.train.checkpoint import Checkpointer
+from seismo.train.checkpoint import flat_checksums as checkpoint_checksums
 from seismo.train.ownership import RunLock
 
 DEFAULT_EVAL_SEQUENCES = 16
@@ -138,17 +139,20 @@ class _Done:
     path: Path
     settings: dict[str, Any]
     steps: dict[str, list[int]]
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # step -> why it could not be read
 
     @classmethod
     def load(cls, path: Path) -> _Done:
         if not path.exists():
             return cls(path, {}, {})
         raw = json.loads(path.read_text())
-        return cls(path, dict(raw.get("settings", {})), {k: list(v) for k, v in raw.get("steps", {}).items()})
+        return cls(path, dict(raw.get("settings", {})), {k: list(v) for k, v in raw.get("steps", {}).items()},
+                   dict(raw.get("skipped", {})))
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format": _FORMAT, "settings": self.settings, "steps": self.steps}, indent=1))
+        tmp.write_text(json.dumps({"format": _FORMAT, "settings": self.settings, "steps": self.steps,
+                                   "skipped": self.skipped}, indent=1))
         tmp.replace(self.path)
 
     def has(self, group: str, step: int) -> bool:
@@ -198,12 +202,21 @@ def _abstract_params(model: Any, seq_len: int) -> Any:
 
 
 def _restore_params(ckpt: Checkpointer, step: int, abstract: Any) -> Any:
-    """Only the params of the saved TrainState (Orbax partial restore), onto one device."""
+    """Only the params of the saved TrainState (Orbax partial restore), onto one device,
+    checked against the checksums saved with them (ValueError when they differ)."""
     item = {"params": abstract}
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                          partial_restore=True))
-    return ckpt.manager.restore(step, args=args)["state"]["params"]
+                                                          partial_restore=True), record=ocp.args.JsonRestore())
+    out = ckpt.manager.restore(step, args=args)
+    params = out["state"]["params"]
+    saved = (out["record"] or {}).get("checksums")
+    if saved is not None:  # TrainState leaves are saved as '.params[...]'
+        got = checkpoint_checksums({"params": params})
+        bad = [k for k, v in got.items() if saved.get("." + k[2:].replace("']", "", 1)) != v]
+        if bad:
+            raise ValueError(f"{len(bad)} parameter array(s) do not match their saved checksums, e.g. {bad[:2]}")
+    return params
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -263,7 +276,16 @@ def _analyze(run_dir: Path, cfg: Any, groups: tuple[str, ...], eval_sequences: i
         with _progress(len(todo), f"analyze {run_dir.name}", progress) as bar:
             for step, pending in todo:
                 bar.set_postfix(step=step)
-                params = _restore_params(ckpt, step, abstract)
+                try:
+                    params = _restore_params(ckpt, step, abstract)
+                except Exception as e:  # noqa: BLE001 - a bad checkpoint is skipped, named, and the rest analysed
+                    reason = f"{type(e).__name__}: {str(e)[:300]}"
+                    warnings.warn(f"{run_dir}: checkpoint {step} skipped, it cannot be read ({reason})", stacklevel=2)
+                    done.skipped[str(step)] = reason
+                    done.save()
+                    bar.update(1)
+                    continue
+                done.skipped.pop(str(step), None)
                 for group, df in _compute(model, params, batch, pending, top_k, sink_eps, cett_p).items():
                     _append(folder / f"{group}.csv", df, step, group)
                 done.mark(step, pending)

@@ -5,11 +5,14 @@ Training dynamics change fastest at the start, so the schedule keeps log-spaced 
 plus the last, plus step 0 (the initialisation), and never prunes any of them (the Pythia schedule used by Gallego-Feliciano
 et al. 2025, arXiv 2508.03616, is the same idea). Saves are asynchronous (Orbax
 `CheckpointManager`); a restore lands on whatever mesh the job has now (the target's
-shardings); an unreadable newest checkpoint is reported and the previous one is used.
+shardings); every array is checked against a checksum saved with it, and an unreadable or
+mismatched checkpoint is set aside (renamed, with its reason; never deleted) and the previous
+one is used.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import warnings
 from collections.abc import Iterable
@@ -17,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from seismo.config import RunConfig
+from seismo.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +55,46 @@ class CheckpointSchedule:
 
 
 class CorruptCheckpointWarning(UserWarning):
-    """A checkpoint could not be read and an older one was used instead."""
+    """A checkpoint could not be read (or failed its checksum) and was set aside."""
+
+
+class NoReadableCheckpoint(ConfigError):
+    """A run directory has checkpoints but none can be read: it is not started over."""
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """A uint32 checksum of one array's bits: sum_i bits_i * (2 i + 1) mod 2^32. Integer sums
+    wrap exactly, so the value does not depend on reduction order (any device, any sharding),
+    and a flipped bit changes it (the weights are odd, so 2^k * w is never 0 mod 2^32)."""
+    x = jnp.asarray(x)
+    nbits = x.dtype.itemsize * 8
+    if nbits not in (8, 16, 32):
+        x = x.astype(jnp.float32)
+        nbits = 32
+    u = jax.lax.bitcast_convert_type(x, {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[nbits]).astype(jnp.uint32)
+    w = jnp.arange(u.size, dtype=jnp.uint32).reshape(u.shape) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(u * w, dtype=jnp.uint32)
+
+
+@jax.jit
+def checksums(tree: Any) -> Any:
+    """One uint32 checksum per leaf of a pytree of arrays (`_leaf_checksum`)."""
+    return jax.tree.map(_leaf_checksum, tree)
+
+
+def flat_checksums(tree: Any) -> dict[str, int]:
+    sums = checksums(tree)  # replicated scalars: every process reads its own copy
+    return {jax.tree_util.keystr(p): int(np.asarray(v.addressable_shards[0].data))
+            for p, v in jax.tree_util.tree_leaves_with_path(sums)}
 
 
 class Checkpointer:
     """A thin layer over `ocp.CheckpointManager`: the train state as a standard pytree plus a
-    JSON record (data hash, config digest) beside it."""
+    JSON record (data hash, config digest, and a checksum of every array) beside it.
+
+    A checkpoint that cannot be read, or whose arrays do not match their checksums, is set
+    aside: its folder is renamed `<step>.corrupt-<UTC time>` with a REASON.txt inside, never
+    deleted, and the step can be saved again later."""
 
     def __init__(self, directory: str | Path, *, async_save: bool = True):
         self.directory = Path(directory).resolve()
@@ -66,10 +105,18 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.LatestN(n=None),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.set_aside_steps: list[tuple[int, str]] = []  # (step, reason) of this session
 
     # -- saving
     def save(self, step: int, state: Any, record: dict[str, Any] | None = None) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record or {}))
+        """Save `step`; a step that already exists is kept as it is (a group resumed from an
+        earlier step, because another point's newer checkpoint was set aside, reaches it
+        again with the same state)."""
+        if step in self.manager.all_steps():
+            log.info("checkpoint %d exists in %s; kept", step, self.directory)
+            return
+        record = {**(record or {}), "checksums": flat_checksums(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
         self.manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
@@ -85,23 +132,48 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore `step` onto `target`'s shapes, dtypes and shardings (the current mesh)."""
+        """Restore `step` onto `target`'s shapes, dtypes and shardings (the current mesh), and
+        check its arrays against the checksums saved with them (ValueError if they differ)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         out = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
         )
-        return out["state"], dict(out["record"] or {})
+        state, record = out["state"], dict(out["record"] or {})
+        saved = record.get("checksums")
+        if saved is not None:
+            got = flat_checksums(state)
+            bad = [k for k in saved if got.get(k) != saved[k]]
+            if bad or set(got) != set(saved):
+                raise ValueError(f"{len(bad)} array(s) do not match their saved checksums, e.g. {bad[:3]}")
+        return state, record
+
+    def set_aside(self, step: int, reason: str) -> Path | None:
+        """Rename the folder of `step` aside with a REASON.txt (never deleted). Only the
+        writing process (0) renames; the others just stop using the step."""
+        folder = self.directory / str(step)
+        self.set_aside_steps.append((step, reason))
+        if jax.process_index() != 0 or not folder.exists():
+            return None
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = folder.with_name(f"{step}.corrupt-{stamp}")
+        folder.rename(target)
+        (target / "REASON.txt").write_text(f"step {step} set aside by seismo at {stamp}: {reason}\n")
+        self.manager.reload()
+        return target
 
     def restore_latest(self, target: Any, steps: Iterable[int] | None = None) -> tuple[int, Any, dict[str, Any]] | None:
         """The newest readable checkpoint as (step, state, record), or None when there is none.
-        Unreadable checkpoints are skipped with a `CorruptCheckpointWarning`."""
+        Unreadable checkpoints are set aside with a `CorruptCheckpointWarning`."""
         candidates = sorted(self.steps() if steps is None else steps, reverse=True)
         for step in candidates:
             try:
                 state, record = self.restore(step, target)
-            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-                msg = (f"checkpoint at step {step} in {self.directory} could not be read "
-                       f"({type(e).__name__}: {str(e)[:200]}); falling back to the previous checkpoint")
+            except Exception as e:  # noqa: BLE001 - any failure to read means: set it aside, try the previous one
+                reason = f"{type(e).__name__}: {str(e)[:300]}"
+                where = self.set_aside(step, reason)
+                msg = (f"checkpoint at step {step} in {self.directory} could not be read ({reason}); "
+                       + (f"set aside as {where.name}; " if where else "")
+                       + "falling back to the previous checkpoint")
                 warnings.warn(msg, CorruptCheckpointWarning, stacklevel=2)
                 log.warning(msg)
                 continue

@@ -300,12 +300,22 @@ def _finish(runs: Sequence[PointRun]) -> list[RunResult]:
 
 
 def _restore(engine: Engine, runs: Sequence[PointRun]) -> tuple[int, TrainState] | None:
-    """The newest step that every run has and can read, and the (stacked) state there."""
-    common = sorted(set.intersection(*(set(r.ckpt.steps()) for r in runs)), reverse=True)
+    """The newest step that every run has and can read, and the (stacked) state there; None
+    for runs that have no checkpoint yet. Unreadable checkpoints are set aside on the way
+    (seismo.train.checkpoint); when checkpoints exist but no step can be used, the run is
+    refused rather than started over on top of its record."""
+    had = [r.ckpt.steps() for r in runs]
+    common = sorted(set.intersection(*(set(h) for h in had)), reverse=True)
     for step in common:
         restored = [r.ckpt.restore_latest(engine.point_state_shape, steps=[step]) for r in runs]
         if all(x is not None for x in restored):
             return step, engine.stack([x[1] for x in restored])
+    if any(had):
+        where = "; ".join(f"{r.run_dir}: {len(h)} checkpoint(s)" for r, h in zip(runs, had) if h)
+        aside = sum(len(r.ckpt.set_aside_steps) for r in runs)
+        raise ckpt_lib.NoReadableCheckpoint(
+            f"no checkpoint step can be restored ({where}; {aside} unreadable set aside as <step>.corrupt-*); "
+            "the run is not started over on top of its record: pass --restart to move it aside and start again")
     return None
 
 
