@@ -83,13 +83,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from seismo.config import ConfigError
+    from seismo.data import DataError
     from seismo.registry import UnknownNameError
 
     try:
         return _dispatch(args)
-    except (ConfigError, UnknownNameError, FileNotFoundError) as e:
-        print(f"seismo {args.command}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (ConfigError, DataError, UnknownNameError, FileNotFoundError) as e:
+        return _fail(args.command, str(e))
+    except OSError as e:  # a read-only run directory, a full disk: nothing is lost, the same command resumes
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        return _fail(args.command, f"{e.strerror or e}{where}; if a folder is read-only or the disk is full, fix "
+                                   "that (or choose another --run-dir) and run the same command again: it resumes")
+
+
+def _fail(command: str, message: str) -> int:
+    """One line on stderr, exit status 2."""
+    print(f"seismo {command}: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -275,16 +275,44 @@ def get(cfg: Config, dotted: str) -> Any:
 # --------------------------------------------------------------------------- YAML, presets, overrides
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: Path, kind: str = "config file", shape: str = "of sections",
                       error: type[ConfigError] = ConfigError) -> dict[str, Any]:
-    """Safe-load a YAML file that must hold a mapping; missing files, bad YAML and other
-    shapes fail with `error`, naming the file."""
+    """Safe-load a YAML file that must hold a mapping; missing, binary, empty, too deeply
+    nested and invalid files, a key given twice and other shapes fail with `error`, naming
+    the file."""
     if not path.exists():
         raise error(f"{kind} {path} does not exist")
+    if path.is_dir():
+        raise error(f"{kind} {path} is a folder, not a YAML file")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise error(f"{path}: not a text file (binary data); a {kind} is YAML text")
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML: {e}") from None
+        raise error(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise error(f"{path}: nested too deeply to be a {kind}") from None
+    if data is None:
+        raise error(f"{path}: the {kind} is empty; give it at least one setting (e.g. `model: tiny`)")
     if not isinstance(data, dict):
         raise error(f"{path}: a {kind} must be a mapping {shape}, got {type(data).__name__}")
     return data
@@ -385,8 +413,12 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
             out = resolve_presets(out)
             continue
         node = out
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             nxt = node.get(p)
+            if nxt is not None and not isinstance(nxt, Mapping):
+                where = ".".join(parts[:i + 1])
+                raise ConfigError(f"override {text!r}: {where} is {nxt!r} in the config, not a mapping of settings; "
+                                  f"write {where} as a mapping (or a preset name) first")
             if not isinstance(nxt, dict):
                 nxt = dict(nxt) if isinstance(nxt, Mapping) else {}
                 node[p] = nxt
@@ -446,9 +478,21 @@ def validate(cfg: Config, origin: str = "config") -> None:
         if value < 1:
             fail(f"{name} must be at least 1, got {value}")
     for name, value in [("run.steps", r.steps), ("run.probe_every", r.probe_every),
-                        ("optimizer.warmup_steps", o.warmup_steps), ("data.eval_sequences", d.eval_sequences)]:
+                        ("optimizer.warmup_steps", o.warmup_steps)]:
         if value < 0:
             fail(f"{name} must be 0 or more, got {value}")
+    if d.eval_sequences < 1:
+        fail(f"data.eval_sequences must be at least 1 (the evaluation set), got {d.eval_sequences}")
+    for section, obj in [("model", m), ("loss", cfg.loss), ("data", d), ("optimizer", o), ("run", r), ("mesh", mesh)]:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                fail(f"{section}.{f.name} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+                fail(f"{section}.{f.name} is {v}, past the largest value seismo counts in (2^31 - 1 = {MAX_INT}); "
+                     "steps, sizes and seeds are int32 on the device")
+    if m.rope_base <= 1 and m.positions == "rope":
+        fail(f"model.rope_base must be greater than 1 (10000 is usual), got {m.rope_base}")
     if m.head_dim is None and m.d_model % m.n_heads:
         fail(f"model.d_model ({m.d_model}) is not divisible by model.n_heads ({m.n_heads}); "
              f"change one of them or set model.head_dim explicitly")
@@ -492,6 +536,8 @@ def validate(cfg: Config, origin: str = "config") -> None:
     if mesh.tensor > 1 and m.n_heads % mesh.tensor:
         fail(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({mesh.tensor})")
 
+
+MAX_INT = 2**31 - 1  # the step counter, sizes and seeds are int32 on the device
 
 # Parameter groups (seismo.models.param_groups) that optimizer.decay_exclude may name.
 DECAY_GROUPS = ("kernel", "embedding", "norm", "bias", "activation", "attn_bias", "layerscale")

@@ -46,16 +46,8 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     """Run (or resume) the sweep in `path`; returns the sweep directory."""
     spec = load_sweep_spec(path, overrides, execution=execution, workers=workers)
     points = expand(spec)  # every point's config is validated here, before anything trains
-    from seismo.train import ownership
-    from seismo.train.engine import check_config
-
     sweep_dir = Path(out) if out is not None else Path("runs") / spec.name
-    for p in points:  # registered names, and each existing run directory's own config, first
-        try:
-            check_config(p.config)
-            ownership.check_config_matches(run_dir(sweep_dir, p), p.config)
-        except ConfigError as e:
-            raise SweepError(f"{path}: sweep point {p.name}: {e}") from None
+    _check_points(points, sweep_dir, path)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_spec(spec, sweep_dir)
     todo = [p for p in points if not is_done(run_dir(sweep_dir, p))]
@@ -75,6 +67,31 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     print(f"sweep {spec.name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
     write_tables(sweep_dir, spec)
     return sweep_dir
+
+
+def _check_points(points: Sequence[Point], sweep_dir: Path, path: Any) -> None:
+    """Before any point trains: every point's registered names, data (each distinct data
+    config is built once), mesh against this machine's devices, and the config its run
+    directory already records. The first problem is a SweepError naming the point."""
+    import jax
+
+    from seismo import data as data_lib
+    from seismo.train import mesh as mesh_lib
+    from seismo.train import ownership
+    from seismo.train.engine import check_config
+
+    built: set[str] = set()
+    for p in points:
+        try:
+            check_config(p.config)
+            key = repr((p.config.data, p.config.run.seed))
+            if key not in built:
+                data_lib.build(p.config.data, p.config.run.seed)
+                built.add(key)
+            mesh_lib.mesh_shape(p.config.mesh, jax.device_count())
+            ownership.check_config_matches(run_dir(sweep_dir, p), p.config)
+        except (ConfigError, data_lib.DataError) as e:
+            raise SweepError(f"{path}: sweep point {p.name}: {e}") from None
 
 
 def write_tables(sweep_dir: Path, spec: SweepSpec) -> None:

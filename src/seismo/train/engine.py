@@ -24,6 +24,8 @@ keeps the sharding it has in a single run, so a group runs on any mesh a single 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -84,6 +86,37 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
         raise ConfigError(
             f"data.batch_size ({cfg.data.batch_size}) must be divisible by mesh data*fsdp ({div}) "
             f"times optimizer.grad_accum_steps ({cfg.optimizer.grad_accum_steps})")
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """The memory one device can hold: the allocator's limit on accelerators, the machine's
+    physical memory on the CPU; None when neither is known."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - compile-only and some plugin devices do not report
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def check_memory(engine: Engine) -> None:
+    """Refuse, before anything compiles, a state that cannot fit: params, Adam's two moments
+    (float32, 12 bytes per parameter) per point, split at best over every device of the mesh.
+    A lower bound: activations come on top (the AOT check, seismo.train.aot, measures them)."""
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(engine.params_shape))
+    need = 12 * n * (engine.n_points or 1) / engine.mesh.size
+    have = device_memory_bytes(engine.mesh.devices.flat[0])
+    if have and need > have:
+        raise ConfigError(
+            f"the model has {n / 1e9:.3g}B parameters: their float32 values and Adam moments need at least "
+            f"{need / 2**30:.1f} GiB per device on this mesh of {engine.mesh.size}, more than the "
+            f"{have / 2**30:.1f} GiB a device has; shrink the model (model.d_model, model.n_layers) or add devices")
 
 
 def _prefix(sh: NamedSharding) -> NamedSharding:

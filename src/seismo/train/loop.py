@@ -261,10 +261,11 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
             engine_lib.check_config(c)
         mesh_lib.maybe_initialize_distributed(cfgs[0].mesh)
         writer_host = jax.process_index() == 0
-        notices = _claim(cfgs, run_dirs, writer_host, restart, locks)
-        mesh = mesh_lib.make_mesh(cfgs[0].mesh)
+        mesh = mesh_lib.make_mesh(cfgs[0].mesh)  # mesh, memory and data are checked before anything is written
         engine = engine_lib.build(cfgs[0], mesh, points=cfgs if vmapped else None, probe=probe)
+        engine_lib.check_memory(engine)
         feed = Feed(engine)
+        notices = _claim(cfgs, run_dirs, writer_host, restart, locks)
         runs = []
         for i, (c, d) in enumerate(zip(cfgs, run_dirs)):
             d.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from seismo.config import MeshConfig
+from seismo.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -42,13 +42,13 @@ def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh: {n_devices} devices cannot be split with fixed sizes "
                 f"{dict(zip(MESH_AXES, sizes))}; make the product of the fixed sizes divide {n_devices}"
             )
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {n_devices} devices are available; "
             f"set one of mesh.data/mesh.fsdp/mesh.tensor to -1 to infer it"
         )
