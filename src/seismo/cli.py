@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in ("train", "sweep"):
+        from seismo.train import stop  # standard library only: a stop from now on is remembered
+
+        stop.install_early()
     args = _parser().parse_args(argv)
     from seismo.config import ConfigError
     from seismo.data import DataError

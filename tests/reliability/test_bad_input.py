@@ -184,3 +184,24 @@ def test_empty_and_duplicate_key_sweep_files(capsys, tmp_path):
         rc = cli.main(["sweep", str(path), "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
         assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+
+
+def test_sigterm_during_start_up_exits_zero_and_writes_nothing(tmp_path):
+    """A stop that arrives while JAX loads is remembered from the first moment of the command:
+    exit 0, no traceback, nothing to save and nothing written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(GOOD)
+    p = subprocess.Popen([sys.executable, "-m", "seismo.cli", "train", str(path), "--run-dir", str(tmp_path / "run")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    time.sleep(0.5)  # the interpreter is up, JAX is still loading
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert "preempted" in out and not (tmp_path / "run").exists()

@@ -21,9 +21,7 @@ a group gets what a single run gets:
 from __future__ import annotations
 
 import dataclasses
-import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,6 +43,7 @@ from seismo.train import ownership
 from seismo.train.engine import Engine
 from seismo.train.metrics import MetricsWriter, Progress
 from seismo.train.step import TrainState, padded_chunks
+from seismo.train.stop import StopFlag
 
 EXIT_CODES = {"finished": 0, "preempted": 0, "diverged": 3}
 
@@ -60,28 +59,6 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.status]
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old.clear()
 
 
 class Feed:
@@ -265,6 +242,8 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
         engine = engine_lib.build(cfgs[0], mesh, points=cfgs if vmapped else None, probe=probe)
         engine_lib.check_memory(engine)
         feed = Feed(engine)
+        if stop.requested:  # stopped while starting up: nothing written, nothing to save
+            return [RunResult(status="preempted", step=0, run_dir=d) for d in run_dirs]
         notices = _claim(cfgs, run_dirs, writer_host, restart, locks)
         runs = []
         for i, (c, d) in enumerate(zip(cfgs, run_dirs)):
