@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, UnknownNameError, FileNotFoundError) as e:
         return _fail(args.command, str(e))
     except OSError as e:  # a read-only run directory, a full disk: nothing is lost, the same command resumes
+        if e.strerror is None:  # seismo's own (seismo.train.loop.RunDirUnwritable) says what to do already
+            return _fail(args.command, str(e))
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         return _fail(args.command, f"{e.strerror or e}{where}; if a folder is read-only or the disk is full, fix "
                                    "that (or choose another --run-dir) and run the same command again: it resumes")

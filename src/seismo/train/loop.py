@@ -254,17 +254,51 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
         record = {"data": feed.info, "steps": engine.cfg.run.steps}
         if vmapped:
             record["vmapped_group"] = len(cfgs)
-        state, step = _start(engine, feed, runs, record)
-        for r, notice in zip(runs, notices):
-            if notice:
-                r.warn(step, notice)
-        _run_steps(engine, feed, runs, state, step, record, stop, stop_at)
-        results = _finish(runs)
+        try:
+            state, step = _start(engine, feed, runs, record)
+            for r, notice in zip(runs, notices):
+                if notice:
+                    r.warn(step, notice)
+            _run_steps(engine, feed, runs, state, step, record, stop, stop_at)
+            results = _finish(runs)
+        except Exception as e:
+            unwritable = _storage_error(e, runs)
+            if unwritable is None:
+                raise
+            raise unwritable from None
     finally:
         stop.restore()
         for lock in locks:
             lock.release()
     return results
+
+
+class RunDirUnwritable(OSError):
+    """The run directory could not be written (a full disk, a read-only folder). Nothing is
+    lost: the newest checkpoint and metrics.jsonl are as they were, and the same command
+    resumes once the cause is gone."""
+
+
+_STORAGE_WORDS = ("No space left on device", "Read-only file system", "os_error_code='28'", "os_error_code='30'",
+                  "Disk quota exceeded", "Permission denied")
+
+
+def _storage_error(e: BaseException, runs: Sequence[PointRun]) -> RunDirUnwritable | None:
+    """A RunDirUnwritable for an error that comes from storage (an OSError, or Orbax and
+    tensorstore reporting one in their own error types), None for anything else."""
+    text = f"{type(e).__name__}: {e}"
+    if not (isinstance(e, OSError) or any(w in text for w in _STORAGE_WORDS)):
+        return None
+    reason = next((w for w in _STORAGE_WORDS if w in text and not w.startswith("os_")), None)
+    reason = reason or (e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__)
+    for r in runs:  # let Orbax finish or drop what it was writing, so nothing half-made is left behind
+        try:
+            r.ckpt.close()
+        except Exception:  # noqa: BLE001 - the storage is failing; the error below says so
+            pass
+    where = ", ".join(str(r.run_dir) for r in runs)
+    return RunDirUnwritable(f"cannot write {where} ({reason}) at step {max(r.step for r in runs)}; free space or make "
+                            "it writable, then run the same command again: it resumes from the newest checkpoint")
 
 
 def _finish(runs: Sequence[PointRun]) -> list[RunResult]:
@@ -361,6 +395,7 @@ def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: Trai
                 for i, r in enumerate(runs):
                     if r.active:
                         r.ckpt.save(step, engine.point(state, i), record)
+                        r.writer.status("running", step)  # status.json follows the newest checkpoint
             if step % cfg.run.eval_every == 0 or step == cfg.run.steps:
                 losses = feed.evaluate(state.params)
                 for i, r in enumerate(runs):
