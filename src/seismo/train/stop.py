@@ -33,19 +33,21 @@ class StopFlag:
     saves and exits at the next step boundary."""
 
     def __init__(self) -> None:
-        self.requested = bool(_EARLY["requested"])
+        self.requested = False
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
+        """Handle the signals from now on, taking over (and clearing) a request that arrived
+        before: between the runs of a sweep, or while the command started."""
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
         self.requested = self.requested or bool(_EARLY["requested"])
+        _EARLY["requested"] = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        _EARLY["requested"] = True  # a sweep's next group sees it too
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
