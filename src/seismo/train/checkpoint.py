@@ -139,7 +139,7 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
         )
         state, record = out["state"], dict(out["record"] or {})
-        saved = record.get("checksums")
+        saved = record.pop("checksums", None)  # seismo's own; the caller gets its record back as saved
         if saved is not None:
             got = flat_checksums(state)
             bad = [k for k in saved if got.get(k) != saved[k]]
