@@ -111,3 +111,35 @@ def test_analyze_skips_a_bad_checkpoint_and_names_it(tmp_path, reference):
     done = json.loads((folder / "done.json").read_text())
     assert list(done["skipped"]) == ["4"]
     assert sorted(read_table(d, "weights")["step"].unique()) == [0, 8]
+
+
+def _corrupt(step_dir, kind, rng):
+    import shutil
+
+    state = step_dir / "state"
+    data = max((f for f in state.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    if kind == "truncated":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif kind == "random bytes":
+        data.write_bytes(rng.integers(0, 256, data.stat().st_size, dtype=np.uint8).tobytes())
+    elif kind == "manifest deleted":
+        for m in state.rglob("manifest.ocdbt"):
+            m.unlink()
+    elif kind == "state deleted":
+        shutil.rmtree(state)
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random bytes", "manifest deleted", "state deleted"])
+def test_each_kind_of_corruption_is_set_aside_and_the_run_resumes_exactly(tmp_path, reference, rng, kind):
+    d = tmp_path / "run"
+    train(tiny(), d, stop_at=4)
+    _corrupt(d / rundir.CHECKPOINTS_DIR / "4", kind, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(tiny(), d)
+    assert result.status == "finished"
+    assert list((d / rundir.CHECKPOINTS_DIR).glob("4.corrupt-*")), "the bad step is kept, renamed aside"
+    assert ckpt_lib.Checkpointer(d / rundir.CHECKPOINTS_DIR).steps() == [0, 4, 8]
+    assert losses(d) == losses(reference)
