@@ -12,25 +12,19 @@ import threading
 
 import pytest
 
-from seismo import config, rundir
+from seismo import rundir
 from seismo.train import checkpoint as ckpt_lib
 from seismo.train import engine as engine_lib
 from seismo.train import loop
 from seismo.train.loop import train
+from tiny_run import tiny_run
 
 pytestmark = pytest.mark.xdist_group("signals")
 
-TINY = [
-    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=16",
-    "data.batch_size=4", "data.seq_len=16", "data.eval_sequences=4",
-    "optimizer.lr=3e-3", "optimizer.warmup_steps=1",
-    "run.steps=8", "run.log_every=1", "run.eval_every=3", "run.checkpoint_every=2",
-    "run.checkpoint_log_until=0", "run.progress=off", "run.checkpoint_async=false",
-]
 
 
 def tiny():
-    return config.load(None, TINY)
+    return tiny_run("run.eval_every=3", "run.checkpoint_every=2")
 
 
 def losses(d):

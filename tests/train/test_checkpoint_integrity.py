@@ -10,22 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seismo import config, rundir
+from seismo import rundir
 from seismo.train import checkpoint as ckpt_lib
 from seismo.train.loop import train
+from tiny_run import tiny_run
 
-TINY = [
-    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=16",
-    "data.batch_size=4", "data.seq_len=16", "data.eval_sequences=4",
-    "optimizer.lr=3e-3", "optimizer.warmup_steps=1",
-    "run.steps=8", "run.log_every=1", "run.eval_every=4", "run.checkpoint_every=4",
-    "run.checkpoint_log_until=0", "run.progress=off", "run.checkpoint_async=false",
-]
 pytestmark = pytest.mark.xdist_group("integrity")
 
 
 def tiny():
-    return config.load(None, TINY)
+    return tiny_run()
 
 
 def losses(d):

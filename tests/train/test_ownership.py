@@ -14,19 +14,9 @@ from seismo import config, rundir
 from seismo.analysis import load_run
 from seismo.train.loop import train
 from seismo.train.ownership import LOCK_FILE, RunDirConflict, RunLock
+from tiny_run import tiny_run
 
-TINY = [
-    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=16",
-    "data.batch_size=4", "data.seq_len=16", "data.eval_sequences=4",
-    "optimizer.lr=3e-3", "optimizer.warmup_steps=1",
-    "run.steps=8", "run.log_every=1", "run.eval_every=4", "run.checkpoint_every=4",
-    "run.checkpoint_log_until=0", "run.progress=off", "run.checkpoint_async=false",
-]
 pytestmark = pytest.mark.xdist_group("ownership")
-
-
-def tiny(*extra):
-    return config.load(None, [*TINY, *extra])
 
 
 def rows(d):
@@ -36,18 +26,18 @@ def rows(d):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     d = tmp_path_factory.mktemp("ref") / "run"
-    train(tiny(), d)
+    train(tiny_run(), d)
     return d
 
 
 def test_a_changed_config_is_refused_before_anything_is_written(tmp_path):
     d = tmp_path / "run"
-    train(tiny(), d, stop_at=4)
+    train(tiny_run(), d, stop_at=4)
     before = {p: p.read_bytes() for p in (d / rundir.METRICS_FILE, d / rundir.CONFIG_FILE)}
     with pytest.raises(RunDirConflict, match=r"optimizer.lr: 0.003 -> 0.01.*--run-dir.*--restart"):
-        train(tiny("optimizer.lr=1e-2"), d)
+        train(tiny_run("optimizer.lr=1e-2"), d)
     with pytest.raises(RunDirConflict, match=r"model.d_model: 32 -> 64"):
-        train(tiny("model.d_model=64"), d)
+        train(tiny_run("model.d_model=64"), d)
     assert {p: p.read_bytes() for p in before} == before, "a refused start changed the run directory"
     assert not (d / LOCK_FILE).exists()
 
@@ -55,8 +45,8 @@ def test_a_changed_config_is_refused_before_anything_is_written(tmp_path):
 def test_cli_refusal_is_one_line_and_restart_sets_the_old_run_aside(tmp_path):
     d = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
-    config.dump(tiny(), cfg_path)
-    train(tiny(), d, stop_at=4)
+    config.dump(tiny_run(), cfg_path)
+    train(tiny_run(), d, stop_at=4)
     old_rows = rows(d)
     cmd = [sys.executable, "-m", "seismo.cli", "train", str(cfg_path), "--run-dir", str(d), "--set", "optimizer.lr=1e-2"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -72,9 +62,9 @@ def test_cli_refusal_is_one_line_and_restart_sets_the_old_run_aside(tmp_path):
 
 def test_longer_run_and_cadence_changes_continue(tmp_path, finished):
     d = tmp_path / "run"
-    train(tiny(), d, stop_at=4)
-    train(tiny("run.log_every=2", "run.eval_every=2"), d, stop_at=6)  # cadence: continues
-    result = train(tiny("run.steps=12"), d)  # longer: continues, says the horizon moved
+    train(tiny_run(), d, stop_at=4)
+    train(tiny_run("run.log_every=2", "run.eval_every=2"), d, stop_at=6)  # cadence: continues
+    result = train(tiny_run("run.steps=12"), d)  # longer: continues, says the horizon moved
     assert result.status == "finished" and result.step == 12
     warn = [r for r in rows(d) if r["kind"] == "warning"]
     assert len(warn) == 1 and "run.steps extended from 8 to 12" in warn[0]["warning"] and warn[0]["step"] == 6
@@ -83,7 +73,7 @@ def test_longer_run_and_cadence_changes_continue(tmp_path, finished):
     assert all(got[s] == first[s] for s in (1, 2, 3, 4, 6)), "the steps before the change are the original run's"
     assert config.load(d / rundir.CONFIG_FILE).run.steps == 12
     with pytest.raises(RunDirConflict, match=r"run.steps: 12 -> 10"):
-        train(tiny("run.steps=10"), d)  # shorter is not an extension
+        train(tiny_run("run.steps=10"), d)  # shorter is not an extension
 
 
 def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path, finished):
@@ -94,12 +84,12 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path, finish
         (d / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": 0,
                                                "what": "seismo train"}))
         with pytest.raises(RunDirConflict, match=rf"in use by seismo train \(pid {holder.pid} on"):
-            train(tiny(), d)
+            train(tiny_run(), d)
         assert not (d / rundir.METRICS_FILE).exists()
     finally:
         holder.kill()
         holder.wait()
-    result = train(tiny(), d)  # the holder is gone: its lock is stale
+    result = train(tiny_run(), d)  # the holder is gone: its lock is stale
     assert result.status == "finished" and not (d / LOCK_FILE).exists()
     assert (d / f"{LOCK_FILE}.stale-{holder.pid}").exists()
     with RunLock(d, "test"):
@@ -113,10 +103,10 @@ BAD_LINES = [b"\xff\xfe not utf-8", b"[1, 2, 3]", b'{"step": "abc"}', b'{"step":
 def test_bad_lines_survive_resume_and_readers(tmp_path, finished):
     """Invalid UTF-8, a JSON list, a step that is not a number and a half-written last line."""
     d = tmp_path / "run"
-    train(tiny(), d, stop_at=4)
+    train(tiny_run(), d, stop_at=4)
     with (d / rundir.METRICS_FILE).open("ab") as f:
         f.write(b"\n".join(BAD_LINES) + b"\n")
-    result = train(tiny(), d)
+    result = train(tiny_run(), d)
     assert result.status == "finished"
     got = {r["step"]: r["loss"] for r in rows(d) if r["kind"] == "train"}
     assert got == {r["step"]: r["loss"] for r in rows(finished) if r["kind"] == "train"}
@@ -136,7 +126,7 @@ def test_a_missing_final_eval_row_is_recomputed(tmp_path, finished):
     shutil.copytree(finished, d)
     kept = [r for r in rows(d) if not (r["kind"] == "eval" and r["step"] == 8)]  # killed before the last eval
     (d / rundir.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
-    result = train(tiny(), d)
+    result = train(tiny_run(), d)
     want = [r["eval_loss"] for r in rows(finished) if r["kind"] == "eval" and r["step"] == 8]
     assert [r["eval_loss"] for r in rows(d) if r["kind"] == "eval" and r["step"] == 8] == want
     assert result.final_eval_loss == want[0]
