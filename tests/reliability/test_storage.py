@@ -66,8 +66,10 @@ def test_full_disk_is_one_line_and_resumes_when_freed(disk, reference):
     cfg_path, want = reference
     run_dir = disk / "run"
     p = _cli(cfg_path, run_dir)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 2 and last.startswith("seismo train: cannot write") and "No space left" in last, last
+    # Orbax's writer threads log their own errors (tracebacks included) around seismo's line.
+    ours = [x for x in p.stderr.splitlines() if x.startswith("seismo train: ")]
+    assert p.returncode == 2 and len(ours) == 1, p.stderr[-3000:]
+    assert "No space left" in ours[0] and "run the same command again" in ours[0], ours[0]
     status = json.loads((run_dir / rundir.STATUS_FILE).read_text())
     assert status["status"] == "running" and status["step"] == max(_checkpoint_steps(run_dir)), status
     _remount(disk, "size=64m")  # space freed
