@@ -108,3 +108,19 @@ def test_dump_roundtrip(tmp_path):
     assert config.load(tmp_path / "c.yaml") == cfg
     assert config.with_overrides(cfg, ["run.steps=500"]).run.steps == 500
     assert config.get(cfg, "model.n_layers") == 3
+
+
+def test_a_preset_switch_applies_before_field_overrides_whatever_the_order():
+    after = config.load(None, ["model.qk_norm=false", "model=proxy_256"])
+    before = config.load(None, ["model=proxy_256", "model.qk_norm=false"])
+    preset = config.load(None, ["model=proxy_256"])
+    assert preset.model.qk_norm is True, "the test needs a preset that turns qk_norm on"
+    assert after == before and after.model.qk_norm is False and after.model.d_model == preset.model.d_model
+
+
+def test_version(capsys):
+    from seismo import __version__, cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"seismo {__version__} (jax ")

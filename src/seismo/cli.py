@@ -30,6 +30,18 @@ run directory that is in use or was made by another config.
 """
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import seismo
+
+    try:
+        jax_version = version("jax")
+    except PackageNotFoundError:
+        jax_version = "not installed"
+    return f"seismo {seismo.__version__} (jax {jax_version}, Python {sys.version.split()[0]})"
+
+
 def _analysis_names() -> tuple[str, ...]:
     from seismo.instrument.tables import GROUPS  # the registry of checkpoint-analysis tables
 
@@ -41,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="seismo",
         description="Training-dynamics studies of transformer language models: train, sweep, analyse, report.",
     )
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train one model from a YAML config", epilog=EPILOG_TRAIN,

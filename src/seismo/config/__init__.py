@@ -405,9 +405,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """`raw` with `a.b=c` overrides. A whole-section override (a preset switch such as
+    `model=proxy_256`) applies before the field overrides, whatever the order they are given
+    in, so `model.qk_norm=false model=proxy_256` keeps qk_norm false."""
     out = resolve_presets(dict(raw))
-    for text in overrides:
-        parts, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    parsed = [p for p in parsed if len(p[1]) == 1] + [p for p in parsed if len(p[1]) > 1]
+    for text, parts, value in parsed:
         if len(parts) == 1:  # a whole section: a preset name
             out[parts[0]] = value
             out = resolve_presets(out)
