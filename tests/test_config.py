@@ -124,3 +124,10 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith(f"seismo {__version__} (jax ")
+
+
+def test_top_level_names_are_the_lazy_ones_and_resolve():
+    import seismo
+
+    assert set(seismo.__all__) == {*seismo._SUBMODULES, *seismo._FUNCTIONS, "__version__"}
+    assert all(getattr(seismo, name) is not None for name in seismo.__all__)

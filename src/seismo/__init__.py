@@ -36,7 +36,6 @@ _FUNCTIONS = {
 }
 __all__ = ["__version__", "analysis", "analyze", "config", "data", "instrument", "load_run", "load_sweep",
            "models", "registry", "report", "run_sweep", "sweep", "train"]
-assert set(__all__) == {*_SUBMODULES, *_FUNCTIONS, "__version__"}
 
 
 def __getattr__(name: str) -> Any:

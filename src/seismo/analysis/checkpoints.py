@@ -211,9 +211,9 @@ def _restore_params(ckpt: Checkpointer, step: int, abstract: Any) -> Any:
     out = ckpt.manager.restore(step, args=args)
     params = out["state"]["params"]
     saved = (out["record"] or {}).get("checksums")
-    if saved is not None:  # TrainState leaves are saved as '.params[...]'
-        got = checkpoint_checksums({"params": params})
-        bad = [k for k, v in got.items() if saved.get("." + k[2:].replace("']", "", 1)) != v]
+    if saved is not None:  # keyed as in the saved TrainState: .params[...]
+        got = checkpoint_checksums(params, prefix=(jax.tree_util.GetAttrKey("params"),))
+        bad = [k for k, v in got.items() if saved.get(k) != v]
         if bad:
             raise ValueError(f"{len(bad)} parameter array(s) do not match their saved checksums, e.g. {bad[:2]}")
     return params

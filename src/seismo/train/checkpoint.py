@@ -82,9 +82,11 @@ def checksums(tree: Any) -> Any:
     return jax.tree.map(_leaf_checksum, tree)
 
 
-def flat_checksums(tree: Any) -> dict[str, int]:
+def flat_checksums(tree: Any, prefix: tuple[Any, ...] = ()) -> dict[str, int]:
+    """{key path: checksum} of every leaf; `prefix` is prepended to each path (a subtree
+    keyed as it sits in the saved state, e.g. (GetAttrKey('params'),) for TrainState.params)."""
     sums = checksums(tree)  # replicated scalars: every process reads its own copy
-    return {jax.tree_util.keystr(p): int(np.asarray(v.addressable_shards[0].data))
+    return {jax.tree_util.keystr((*prefix, *p)): int(np.asarray(v.addressable_shards[0].data))
             for p, v in jax.tree_util.tree_leaves_with_path(sums)}
 
 
