@@ -1,0 +1,46 @@
+"""benchmarks/gpu.py runs as its docstring says (PYTHONPATH=src, a fresh process), here on its
+--cpu-smoke path: tiny shapes, Pallas interpret mode, a table on stdout and the JSON."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu.py"
+
+
+def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.multiprocess
+def test_cpu_smoke_writes_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench("--cpu-smoke", "--only", "kernels", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| D | T | mode |" in proc.stdout and "flash_sigmoid ms" in proc.stdout
+
+    result = json.loads(out.read_text())
+    assert result["cpu_smoke"] and result["machine"]["backend"] == "cpu"
+    rows = result["kernels"]["rows"]
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    for impl in ("flash_sigmoid", "softmax_pallas", "sigmoid_xla"):
+        for mode in ("fwd", "fwd+bwd"):
+            r = by[(impl, mode)]
+            assert "error" not in r, r
+            assert r["ms"] > 0 and r["tflops"] > 0 and r["dtype"] == "bfloat16"
+    assert "error" in by[("softmax_cudnn", "fwd")]  # no GPU here: reported, not fatal
+    check = result["kernels"]["check"]
+    assert check["ok"], check
+
+
+@pytest.mark.multiprocess
+def test_unknown_section_is_an_error():
+    proc = run_bench("--only", "nope", timeout=120)
+    assert proc.returncode == 2 and "unknown section" in proc.stderr
