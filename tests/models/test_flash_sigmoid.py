@@ -128,14 +128,16 @@ def value_and_grads(fn, q, k, v, bias, slopes, do):
     return out, vjp(do.astype(out.dtype))
 
 
-def check_against_reference(B, T, H, Hkv, D, *, alibi, block_q, block_k, dtype=jnp.float32):
+def check_against_reference(B, T, H, Hkv, D, *, alibi, block_q, block_k, dtype=jnp.float32,
+                            backend="triton"):
     q, k, v, do = inputs(B, T, H, Hkv, D, dtype)
     scale, bias = D**-0.5, jnp.float32(-np.log(T))
     slopes = SLOPES4[:H] if alibi else None
 
     def kernel(q, k, v, b, s):
         return flash_sigmoid_attention(q, k, v, scale=scale, bias=b, alibi_slopes=s,
-                                       block_q=block_q, block_k=block_k, interpret=True)
+                                       block_q=block_q, block_k=block_k, interpret=True,
+                                       backend=backend)
 
     def ref(q, k, v, b, s):
         return reference(q, k, v, scale=scale, bias=b, alibi_slopes=s)
@@ -163,13 +165,16 @@ def check_against_reference(B, T, H, Hkv, D, *, alibi, block_q, block_k, dtype=j
                       bf16=bf16 and name in ("dq", "dk", "dv"), **kw)
 
 
-@pytest.mark.parametrize("T,H,Hkv,alibi,block_q,block_k", [
-    (32, 4, 4, False, 8, 16),   # multi-head, T a multiple of the blocks, block_q < block_k
-    (40, 4, 2, True, 16, 16),   # GQA 2 groups, ALiBi, T padded to 48
-    (24, 4, 1, False, 16, 8),   # multi-query (one kv head), T padded to 32, block_q > block_k
+@pytest.mark.parametrize("T,H,Hkv,alibi,block_q,block_k,backend", [
+    (32, 4, 4, False, 8, 16, "triton"),  # multi-head, T a multiple of the blocks, bq < bk
+    (40, 4, 2, True, 16, 16, "mosaic"),  # GQA 2 groups, ALiBi, T padded to 48; TPU layout
+    (24, 4, 1, False, 16, 8, "triton"),  # multi-query (one kv head), T padded to 32, bq > bk
 ])
-def test_values_and_grads_float32(T, H, Hkv, alibi, block_q, block_k):
-    check_against_reference(2, T, H, Hkv, 16, alibi=alibi, block_q=block_q, block_k=block_k)
+def test_values_and_grads_float32(T, H, Hkv, alibi, block_q, block_k, backend):
+    """backend only picks the kernels' layout here (interpret mode either way): Triton's
+    [B, T, H, D] with squeezed per-head scalars, or Mosaic's [B, H, T, D] with SMEM scalars."""
+    check_against_reference(2, T, H, Hkv, 16, alibi=alibi, block_q=block_q, block_k=block_k,
+                            backend=backend)
 
 
 def test_values_and_grads_bfloat16_inputs():
@@ -177,7 +182,7 @@ def test_values_and_grads_bfloat16_inputs():
                             dtype=jnp.bfloat16)
 
 
-def test_vmap_over_bias():
+def test_vmap_over_bias(backend="triton"):
     """The sweep pattern: jit(vmap(f over bias)), values and d q, d bias, one bias per lane."""
     B, T, H, Hkv, D = 1, 24, 4, 2, 16
     q, k, v, do = inputs(B, T, H, Hkv, D, seed=1)
@@ -191,7 +196,7 @@ def test_vmap_over_bias():
         return JIT(jax.vmap(f))
 
     kernel = lambda q, k, v, **kw: flash_sigmoid_attention(q, k, v, block_q=8, block_k=8,
-                                                           interpret=True, **kw)
+                                                           interpret=True, backend=backend, **kw)
     got = lane(kernel)(biases)
     want = lane(reference)(biases)
     all_mags = JIT(jax.vmap(lambda b: magnitudes(q, k, v, do, scale, b, None)))(biases)
@@ -248,3 +253,5 @@ def test_validation():
         flash_sigmoid_attention(q, kv, jnp.zeros((1, 8, 2, 8)), scale=1.0, bias=0.0)
     with pytest.raises(ValueError, match="share a dtype"):
         flash_sigmoid_attention(q, kv, kv.astype(jnp.bfloat16), scale=1.0, bias=0.0)
+    with pytest.raises(ValueError, match="backend"):
+        flash_sigmoid_attention(q, kv, kv, scale=1.0, bias=0.0, backend="cuda")
