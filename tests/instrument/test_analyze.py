@@ -22,7 +22,7 @@ import scipy.stats
 from seismo import analysis, cli, config, data, models
 from seismo.analysis import checkpoints as analyze
 from seismo.config import ConfigError
-from seismo.instrument import tables
+from seismo.instrument import sparsity, tables
 from seismo.instrument.dynamics_fit import massive_dynamics
 from seismo.train import checkpoint as ckpt_lib
 from seismo.train import optimizer as opt_lib
@@ -156,6 +156,19 @@ def test_sparsity_matches_numpy_and_cett_is_consistent(run, restored):
     assert np.all(at_least <= got + 1e-9) and np.all(got <= at_most + 1e-9), (at_least, got, at_most)
     assert np.all(at_most - at_least <= 2 / norms[0].size), "more than one tie per layer: not rounding"
     assert 0 < metric(df, steps[-1], "cett_target")[0] < 1
+
+
+def test_cett_thresholds_are_cett_threshold_at_the_target_found(run, restored):
+    """The search sorts each layer's neuron outputs once per checkpoint and looks every target
+    up in its precomputed CETT curve; at the target it found, its thresholds are exactly those
+    of `cett_threshold` (one target: a sort and a masked matmul per CETT evaluation)."""
+    _, _, steps, tabs = run
+    model, params, batch, _, _ = restored
+    acts = tables.stats_fn(model, ("sparsity",))(params, jnp.asarray(batch["inputs"]))["_acts"]
+    w = params["blocks"]["mlp"]["down"]["kernel"]
+    target = metric(tabs["sparsity"], steps[-1], "cett_target")[0]
+    want = [np.float32(sparsity.cett_threshold(acts[layer], w[layer], target)) for layer in range(2)]
+    np.testing.assert_array_equal(metric(tabs["sparsity"], steps[-1], "cett_threshold"), want)
 
 
 def test_outliers_attention_rank_weights_match_numpy(run, restored):

@@ -184,3 +184,132 @@ def test_cett_stats_run_under_jit():
     np.testing.assert_allclose(
         jax.jit(sparsity.neuron_output_norms)(S, W_OUT), jnp.abs(S) * jnp.diag(W_OUT)
     )
+
+
+# ----------------------------------------------------------------------------- the search against numpy
+#
+# A plain float64 numpy reference of cett_threshold (binary search over the sorted norms, each
+# CETT a masked matmul) and of Algorithm 1 (bisection of the shared target). It takes only the
+# float32 neuron-output norms from the code (the candidate set, also what the model thresholds
+# on); everything else is recomputed here.
+
+
+def _np_cett(s, w, norms, eps):
+    full = s @ w
+    tail = np.where(norms < eps, s, 0.0) @ w
+    den = np.linalg.norm(full, axis=-1)
+    num = np.linalg.norm(tail, axis=-1)
+    return np.mean(np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0))
+
+
+def _np_threshold(s, w, norms, target):
+    cand = np.sort(norms.ravel())
+    cand = np.append(cand, np.nextafter(cand[-1], np.float32(np.inf)))
+    lo, hi = 0, len(cand) - 1
+    for _ in range(math.ceil(math.log2(len(cand))) + 1):
+        mid = (lo + hi + 1) // 2
+        if _np_cett(s, w, norms, cand[mid]) <= np.float32(target):
+            lo = mid
+        else:
+            hi = mid - 1
+    return cand[lo]
+
+
+def _np_cett_ppl_search(loss_fn, acts, w_outs, p=0.01, tol=1e-3):
+    acts64 = [np.asarray(a, np.float64) for a in acts]
+    w64 = [np.asarray(w, np.float64) for w in w_outs]
+    norms = [np.asarray(sparsity.neuron_output_norms(a, w)) for a, w in zip(acts, w_outs)]
+
+    def thresholds(target):
+        return np.array([_np_threshold(s, w, n, target) for s, w, n in zip(acts64, w64, norms)], np.float32)
+
+    dense = float(loss_fn(np.zeros(len(acts), np.float32)))
+    lo, hi, n_evals = 0.0, 1.0, 1
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        n_evals += 1
+        if math.exp(float(loss_fn(thresholds(mid))) - dense) < 1.0 + p:
+            lo = mid
+        else:
+            hi = mid
+    target = 0.5 * (lo + hi)
+    eps = thresholds(target)
+    sparse = float(loss_fn(eps))
+    ratio = [np.mean(n >= e) for n, e in zip(norms, eps)]
+    return dict(target=target, eps=eps, ratio=np.array(ratio), dense=dense, sparse=sparse, n_evals=n_evals + 1)
+
+
+def _layer_with_ties(rng, n_tokens=12, n_neurons=10, d=6):
+    """A ReLU layer with many zero outputs, a token whose FFN output is 0, two neurons with
+    identical outputs on every token (exactly equal norms) and a zero row of W_out."""
+    s = np.maximum(rng.normal(size=(n_tokens, n_neurons)), 0.0).astype(np.float32)
+    s[3] = 0.0
+    w = rng.normal(size=(n_neurons, d)).astype(np.float32)
+    s[:, 5], w[5] = s[:, 4], w[4]
+    w[7] = 0.0
+    return s, w
+
+
+def test_cett_curve_is_cett_at_every_candidate(rng):
+    layers = [_layer_with_ties(rng), (rng.normal(size=(12, 10)).astype(np.float32),
+                                      rng.normal(size=(10, 6)).astype(np.float32))]
+    curve = sparsity.cett_curve([s for s, _ in layers], [w for _, w in layers])
+    for (s, w), cand, got in zip(layers, curve.candidates, curve.cett):
+        norms = np.asarray(sparsity.neuron_output_norms(s, w))
+        want_cand = np.append(np.sort(norms.ravel()), np.nextafter(norms.max(), np.float32(np.inf)))
+        np.testing.assert_array_equal(cand, want_cand)
+        want = [_np_cett(s.astype(np.float64), w.astype(np.float64), norms, e) for e in cand]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert got[0] == 0.0 and got[-1] == pytest.approx(1.0 * np.mean(norms.max(1) > 0))
+
+
+@pytest.mark.parametrize("target", [0.0, 0.01, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.999, 1.0])
+def test_threshold_from_curve_is_cett_threshold_and_numpy(rng, target):
+    layers = [_layer_with_ties(rng)] + [
+        (np.maximum(rng.normal(size=(40, 24)), 0.0).astype(np.float32), (rng.normal(size=(24, 16)) / 4).astype(np.float32)),
+        (rng.normal(size=(40, 24)).astype(np.float32), rng.normal(size=(24, 16)).astype(np.float32)),
+    ]
+    for s, w in layers:
+        got = sparsity.threshold_from_curve(sparsity.cett_curve(s[None], w[None]), target)[0]
+        norms = np.asarray(sparsity.neuron_output_norms(s, w))
+        assert got == _np_threshold(s.astype(np.float64), w.astype(np.float64), norms, target)
+        assert got == np.float32(sparsity.cett_threshold(s, w, target))
+
+
+def test_sort_of_nonnegative_floats_matches_numpy(rng):
+    x = np.abs(rng.normal(size=(3, 500))).astype(np.float32)
+    x[:, :100] = 0.0
+    x[1, 100:200] = x[1, 200:300]
+    x[2, 7] = np.inf
+    values, order = sparsity._sort_nonnegative(x)
+    np.testing.assert_array_equal(values, np.sort(x, axis=-1))
+    np.testing.assert_array_equal(order, np.argsort(x, axis=-1, kind="stable"))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_cett_stats_of_a_tiny_model_match_the_numpy_search(activation):
+    """The whole search as `seismo analyze` runs it (tables.cett_stats) on a fixed random tiny
+    model: the same bisection, thresholds, losses and ratios as the float64 reference."""
+    from seismo import config, models
+    from seismo.instrument import tables
+
+    cfg = config.load(None, ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=16", "data.seq_len=16",
+                             f"model.activation={activation}"])
+    model = models.build(cfg.model)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 16), 0, cfg.model.vocab_size)
+    params = model.init(jax.random.PRNGKey(0), tokens)
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones(tokens.shape, jnp.float32)}
+    acts = tables.stats_fn(model, ("sparsity",))(params, tokens)["_acts"]
+    w_outs = tables.down_kernels(params, cfg.model.n_layers)
+    loss = tables.loss_fn(model)
+    want = _np_cett_ppl_search(
+        lambda thr: loss(params, batch["inputs"], batch["targets"], batch["loss_mask"], jnp.asarray(thr)),
+        np.asarray(acts), np.asarray(w_outs))
+    got = tables.cett_stats(model, params, batch, acts)
+    assert 0 < want["target"] < 1
+    assert got["cett_target"] == want["target"]
+    np.testing.assert_array_equal(got["cett_threshold"], want["eps"])
+    np.testing.assert_allclose(got["cett_activation_ratio"], want["ratio"], rtol=1e-6)
+    assert got["cett_loss_dense"] == want["dense"] and got["cett_loss_sparse"] == want["sparse"]
+    assert got["cett_ppl_ratio"] == pytest.approx(math.exp(want["sparse"] - want["dense"]), rel=1e-12)
+    assert got["cett_n_evals"] == want["n_evals"] == 12

@@ -242,7 +242,8 @@ def cett_stats(model: Any, params: Any, batch: Mapping[str, Any], acts_LxNxF: ja
                p: float = 0.01) -> dict[str, Any]:
     """CETT-PPL-p% on `batch` (Sparsing Law Algorithm 1, `sparsity.cett_ppl_search`): a host
     bisection over the shared CETT target, each step one call of the compiled `loss_fn`
-    (about 12 calls at the default tolerance 1e-3). Returns per-layer arrays and scalars."""
+    (about 12 calls at the default tolerance 1e-3) at thresholds looked up in the layers' CETT
+    curves, computed once from `acts`. Returns per-layer arrays and scalars."""
     loss = loss_fn(model)
     inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
     w_outs = down_kernels(params, model.cfg.n_layers)
