@@ -70,6 +70,11 @@ class ModelConfig:
     clip_zeta: float = 1.0  # clipped softmax upper stretch
     gate_bias_init: float = -1.0986122886681098  # logit(0.25), gated attention (OPT-125m)
     attn_bias: bool = False  # explicit attention bias k', v' (Sun et al. 2024)
+    n_kv_heads: int | None = None  # key/value heads; None: n_heads; fewer: grouped-query (1: multi-query)
+    # how attention is computed (same numbers, different memory and speed; docs/design.md):
+    # explicit | blockwise | dot_product | pallas | auto (the fastest correct one here)
+    attention_impl: Literal["auto", "explicit", "blockwise", "dot_product", "pallas"] = "auto"
+    attention_block: int = 512  # query and key block length of the blockwise and Pallas kernels
     # MLP and activation
     mlp: Literal["dense", "gated"] = "dense"
     activation: str = "gelu"  # registry: seismo.models.activations
@@ -81,12 +86,16 @@ class ModelConfig:
     mup_base_width: int = 256
     # execution
     scan_layers: bool = True
-    remat: Literal["none", "full", "dots"] = "none"
+    remat: Literal["none", "full", "dots", "dots_no_batch", "attention"] = "none"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @property
     def resolved_d_ff(self) -> int:
@@ -100,6 +109,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     z_loss: float = 0.0  # coefficient of mean(log Z^2); 0 is off, the paper uses 1e-4
+    # sequence positions per chunk of the output head and cross-entropy: the [B, T, V] float32
+    # logits are never materialised, only [B, chunk, V] at a time (recomputed in the backward
+    # pass). 0: the whole sequence at once. Same numbers either way.
+    chunk: int = 0
 
 
 @dataclass(frozen=True)
@@ -539,6 +552,16 @@ def validate(cfg: Config, origin: str = "config") -> None:
             fail(f"{name} must be a positive size or -1 (inferred), got {v}")
     if mesh.tensor > 1 and m.n_heads % mesh.tensor:
         fail(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({mesh.tensor})")
+    if m.n_kv_heads is not None and not (1 <= m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0):
+        fail(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}): each key/value head "
+             "serves the same number of query heads (1 is multi-query attention)")
+    if mesh.tensor > 1 and m.resolved_kv_heads % mesh.tensor:
+        fail(f"model.n_kv_heads ({m.resolved_kv_heads}) must be divisible by mesh.tensor ({mesh.tensor}): "
+             "key/value heads are split over the tensor axis")
+    if m.attention_block < 8:
+        fail(f"model.attention_block must be at least 8 positions, got {m.attention_block}")
+    if cfg.loss.chunk < 0:
+        fail(f"loss.chunk must be 0 (no chunking) or a number of sequence positions, got {cfg.loss.chunk}")
 
 
 MAX_INT = 2**31 - 1  # the step counter, sizes and seeds are int32 on the device

@@ -5,9 +5,12 @@ inside the same jit, so full activations never leave the device; it is compiled 
 plain step and called every `run.probe_every` steps (the plain step pays nothing). What it
 returns becomes one `probe` row of metrics.jsonl (per-layer values are lists by layer):
 
-- per layer: `resid_rms`, `resid_max` (residual stream after the block); `attn_logit_max`
-  (max |q.k|/sqrt(d_h) over causal pairs, batch and heads: Wortsman et al. 2023, arXiv
-  2309.14322, section 3.1); `attn_entropy` (Zhai et al. 2023, arXiv 2303.06296);
+- per layer, reduced inside each layer so that no activation or attention map outlives it
+  (seismo.models.taps; any attention implementation): `resid_rms`, `resid_max` (residual
+  stream after the block); `attn_logit_max` (max |q.k|/sqrt(d_h) over causal pairs, batch
+  and heads: Wortsman et al. 2023, arXiv 2309.14322, section 3.1); `attn_logz_mean`,
+  `attn_logz_max` (log-sum-exp of each attention row's scores, the softmax log Z);
+  `attn_entropy` (Zhai et al. 2023, arXiv 2303.06296);
   `attn_sink_mass` (attention to the first token, averaged over queries and heads; Sun et
   al. 2024, arXiv 2402.17762); `attn_row_mass` (1 for softmax; sigmoid attention,
   Ramapuram et al. 2024, arXiv 2409.04431); `mlp_rms`, `mlp_zero_frac` (post-activation);
@@ -72,8 +75,16 @@ def activation_params(params: Any) -> dict[str, jax.Array]:
     return out
 
 
+# The per-layer statistics the model reduces inside each layer (`Model.apply(taps="stats")`).
+LAYER_STATS = ("resid_rms", "resid_max", "attn_logit_max", "attn_logz_mean", "attn_logz_max", "attn_entropy",
+               "attn_row_mass", "attn_sink_mass", "mlp_rms", "mlp_zero_frac")
+
+
 def layer_stats(taps: dict[str, jax.Array], offset: int) -> dict[str, jax.Array]:
-    """Per-layer statistics from the stacked taps (leading axis: layer)."""
+    """Per-layer statistics [L]: as the model reduced them inside each layer (statistics
+    taps), or computed here from whole stacked taps (full taps, leading axis: layer)."""
+    if "resid_rms" in taps:
+        return {k: taps[k] for k in LAYER_STATS if k in taps}
     out: dict[str, jax.Array] = {}
     if "resid" in taps:
         r = taps["resid"]
@@ -121,7 +132,11 @@ class RunLog(Protocol):
 
 @runtime_checkable
 class StepProbe(Protocol):
-    """The two halves of an in-step probe (the shape of Levanter's JitCallback):
+    """A probe may set `taps = "full"` to receive whole activations and attention maps in
+    `info.taps` (the explicit attention path, memory quadratic in T); the default, "stats",
+    gives the per-layer statistics of `LAYER_STATS` reduced inside each layer.
+
+    The two halves of an in-step probe (the shape of Levanter's JitCallback):
     `inside_step(info)` runs inside the jitted step and returns a flat dict of arrays;
     `on_step(step, summary, log)` runs on the host with that dict fetched (numpy), one step
     late, and records what it wants in the run's log. The trainer makes one probe per run
@@ -140,6 +155,8 @@ class InstabilityProbes:
     """seismo's default probe: the statistics of the module docstring inside the step; on
     the host, a `probe` row, and a `warning` row when the layer-0 max attention logit trend
     predicts crossing run.logit_warning_threshold before the run ends (seismo.instrument.trend)."""
+
+    taps = "stats"  # per-layer statistics reduced inside the layers: no maps leave a layer
 
     def __init__(self, model: Any, cfg: Config):
         self.axes = model.param_axes()

@@ -52,14 +52,20 @@ import jax
 import jax.numpy as jnp
 
 from seismo.config import ModelConfig
-from seismo.models.attention import Attention
+from seismo.models.attention import ATTENTION_OUT, Attention
 from seismo.models.linear import Dense
 from seismo.models.mlp import MLP
 from seismo.models.norms import LAYERSCALE_MODULES, NORM_MODULES, make_norm, residual
-from seismo.models.taps import COLLECTION, tap
+from seismo.models.taps import COLLECTION, STATS, tap
 
 TAP_NAMES = ("embed", "resid", "attn_logits", "attn_probs", "attn_out", "mlp_pre", "mlp_post", "mlp_out", "logits")
-_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+# What the backward pass keeps of a block's forward pass (`model.remat`); the rest is recomputed.
+_REMAT_POLICIES = {
+    "full": None,  # nothing: the whole block is recomputed
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul output
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls, not q.k / p.v
+    "attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),  # the attention kernel's output
+}
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
@@ -121,7 +127,10 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT: jax.Array, thresholds_L: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens_BxT: jax.Array, thresholds_L: jax.Array | None = None,
+                 hidden: bool = False) -> jax.Array:
+        """`hidden`: return the final hidden states [B, T, D] (after the final norm) instead of
+        the logits, for a loss that applies the head in chunks (`Model.head`)."""
         cfg = self.cfg
         D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
         dtype = jnp.dtype(cfg.dtype)
@@ -143,7 +152,7 @@ class Transformer(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            blocks = nn.scan(block, variable_axes={"params": 0, COLLECTION: 0}, split_rngs={"params": True},
+            blocks = nn.scan(block, variable_axes={"params": 0, COLLECTION: 0, STATS: 0}, split_rngs={"params": True},
                              in_axes=0, length=L, metadata_params={nn.PARTITION_NAME: "layers"})
             x_BxTxD, _ = blocks(cfg, name="blocks")(x_BxTxD, thresholds_L)
         else:
@@ -153,6 +162,8 @@ class Transformer(nn.Module):
 
         if cfg.norm_placement in ("pre", "hybrid"):
             x_BxTxD = make_norm(cfg, "final_norm")(x_BxTxD)
+        if hidden:
+            return x_BxTxD
         if cfg.tie_embeddings:
             logits_BxTxV = jnp.dot(x_BxTxD, embed.embedding.T.astype(dtype), preferred_element_type=jnp.float32)
         else:
@@ -175,7 +186,7 @@ class Model:
         # Jitted once per model: eager Flax init and apply dispatch op by op and recompile the
         # layer scan on every call; inside an outer jit these inner jits are simply inlined.
         self._init = jax.jit(self._init_impl)
-        self._apply = jax.jit(self._apply_impl, static_argnames="taps")
+        self._apply = jax.jit(self._apply_impl, static_argnames=("taps", "hidden"))
 
     def init(self, rng: jax.Array, tokens_BxT: jax.Array) -> dict[str, Any]:
         """Fresh parameters: a nested dict of float32 arrays (logical names stripped)."""
@@ -186,25 +197,48 @@ class Model:
         params: dict[str, Any],
         tokens_BxT: jax.Array,
         *,
-        taps: bool = False,
+        taps: bool | str = False,
         neuron_threshold: jax.typing.ArrayLike | None = None,
+        hidden: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(logits [B, T, V] float32, taps). `neuron_threshold`: a scalar or one value per layer
-        [L]; MLP neurons whose output norm |h_i| ||W_down[i]|| falls below it are zeroed."""
+        """(logits [B, T, V] float32, taps). `taps`: False, 'full' (or True: every tap whole)
+        or 'stats' (per-layer statistics reduced inside each layer, taps.py). `neuron_threshold`:
+        a scalar or one value per layer [L]; MLP neurons whose output norm |h_i| ||W_down[i]||
+        falls below it are zeroed. `hidden`: return the final hidden states [B, T, D] in place of
+        the logits (apply the head with `head`, e.g. in chunks)."""
         thr = None
         if neuron_threshold is not None:
             thr = jnp.broadcast_to(jnp.asarray(neuron_threshold, jnp.float32), (self.cfg.n_layers,))
-        return self._apply(params, tokens_BxT, thr, taps=bool(taps))
+        mode = {False: None, True: "full", None: None}.get(taps, taps)
+        if mode not in (None, "full", "stats"):
+            raise ValueError(f"taps must be False, True, 'full' or 'stats', got {taps!r}")
+        return self._apply(params, tokens_BxT, thr, taps=mode, hidden=bool(hidden))
+
+    def head(self, params: dict[str, Any], x_BxTxD: jax.Array) -> jax.Array:
+        """The output head on final hidden states: logits [B, T, V] float32, computed as the
+        model computes them (compute dtype, float32 accumulation)."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.tie_embeddings:
+            w = params["embed"]["embedding"].T
+        else:
+            w = params["head"]["kernel"]
+        y = jnp.dot(x_BxTxD.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+        if not cfg.tie_embeddings and cfg.use_bias:
+            y = y + params["head"]["bias"]
+        return y
 
     def _init_impl(self, rng: jax.Array, tokens_BxT: jax.Array) -> dict[str, Any]:
         return nn.meta.unbox(Transformer(self.cfg).init(rng, tokens_BxT)["params"])
 
-    def _apply_impl(self, params: Any, tokens_BxT: jax.Array, thr: jax.Array | None, *, taps: bool):
+    def _apply_impl(self, params: Any, tokens_BxT: jax.Array, thr: jax.Array | None, *, taps: str | None,
+                    hidden: bool):
         module = Transformer(self.cfg)
-        if not taps:
-            return module.apply({"params": params}, tokens_BxT, thr), {}
-        logits, state = module.apply({"params": params}, tokens_BxT, thr, mutable=[COLLECTION])
-        return logits, flatten_taps(state[COLLECTION], self.cfg)
+        if taps is None:
+            return module.apply({"params": params}, tokens_BxT, thr, hidden), {}
+        collection = COLLECTION if taps == "full" else STATS
+        out, state = module.apply({"params": params}, tokens_BxT, thr, hidden, mutable=[collection])
+        return out, flatten_taps(state.get(collection, {}), self.cfg)
 
     def param_axes(self) -> dict[str, Any]:
         """Logical axis names of every parameter: a tree shaped like the params whose leaves

@@ -183,9 +183,12 @@ class Engine:
 def build(cfg: Config, mesh: Mesh, *, points: Sequence[Config] | None = None,
           probe: ProbeFactory | None = None, probes: bool | None = None) -> Engine:
     """The engine of `cfg` on `mesh`. `points`: the configs of a vmapped group (cfg is then
-    ignored in favour of points[0]). `probe`: makes the in-step probe of each run (default:
+    ignored in favour of points[0]). `model.attention_impl: auto` is resolved for the mesh's
+    platform (a TPU topology compiled ahead of time on a CPU gets the TPU's choice); the
+    engine's `cfgs` say what it became. `probe`: makes the in-step probe of each run (default:
     seismo's instability probes), used when `probes` (default: run.probe_every > 0)."""
-    cfgs = tuple(points) if points is not None else (cfg,)
+    platform = mesh.devices.flat[0].platform
+    cfgs = tuple(models.resolve_attention(c, platform) for c in (points if points is not None else (cfg,)))
     cfg = cfgs[0]
     if points is not None:
         check_vmappable(cfgs)

@@ -6,7 +6,8 @@
   `--run-dir`, or `--restart`, which moves the old run aside, `set_aside`, and starts over).
   Two kinds of change continue: extending `run.steps` (the LR schedule's horizon moves, said
   in one line and recorded as a `warning` row), and the keys that only change what is
-  recorded and where it runs (`CADENCE_KEYS`, the mesh).
+  recorded, where it runs and how the same numbers are computed (`CADENCE_KEYS`: the mesh,
+  the attention implementation, rematerialisation, loss chunks).
 * **One writer.** `RunLock` is a lock file (`.seismo.lock`, JSON with pid, host, start time
   and command) taken with an exclusive create. A second writer is refused, naming the holder;
   a lock left by a process of this host that no longer runs is stale and taken over.
@@ -35,6 +36,8 @@ CADENCE_KEYS = frozenset({
     "run.log_every", "run.eval_every", "run.probe_every", "run.progress", "run.logit_warning_threshold",
     "run.checkpoint_every", "run.checkpoint_log_until", "run.checkpoint_async",
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.multihost",
+    # how the same numbers are computed: attention kernels, rematerialisation, loss chunks
+    "model.attention_impl", "model.attention_block", "model.remat", "loss.chunk",
 })
 
 

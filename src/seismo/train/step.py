@@ -21,7 +21,7 @@ import optax
 
 from seismo.config import Config
 from seismo.instrument.probes import StepInfo, StepProbe
-from seismo.models.loss import lm_loss
+from seismo.models.loss import lm_loss, lm_loss_chunked
 from seismo.train import optimizer as opt_lib
 
 Batch = Mapping[str, jax.Array]
@@ -34,9 +34,15 @@ class TrainState:
     opt_state: Any
 
 
-def _loss(model: Any, cfg: Config, params: Any, batch: Batch, with_taps: bool):
+def _loss(model: Any, cfg: Config, params: Any, batch: Batch, with_taps: bool | str):
+    mask = batch.get("loss_mask")
+    if cfg.loss.chunk and cfg.loss.chunk < batch["inputs"].shape[1] and with_taps != "full":
+        hidden, taps = model.apply(params, batch["inputs"], taps=with_taps, hidden=True)
+        loss, stats = lm_loss_chunked(lambda x: model.head(params, x), hidden, batch["targets"],
+                                      chunk=cfg.loss.chunk, z_loss=cfg.loss.z_loss, mask=mask)
+        return loss, (stats, taps)
     logits, taps = model.apply(params, batch["inputs"], taps=with_taps)
-    loss, stats = lm_loss(logits, batch["targets"], z_loss=cfg.loss.z_loss, mask=batch.get("loss_mask"))
+    loss, stats = lm_loss(logits, batch["targets"], z_loss=cfg.loss.z_loss, mask=mask)
     return loss, (stats, taps)
 
 
@@ -44,7 +50,7 @@ def _microbatches(batch: Batch, n: int) -> Batch:
     return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
 
 
-def grads_and_stats(model: Any, cfg: Config, params: Any, batch: Batch, with_taps: bool = False):
+def grads_and_stats(model: Any, cfg: Config, params: Any, batch: Batch, with_taps: bool | str = False):
     """Mean gradient and loss statistics over `optimizer.grad_accum_steps` microbatches
     (a `lax.scan`, so memory is that of one microbatch). Taps come from the last one."""
     grad_fn = jax.grad(lambda p, b: _loss(model, cfg, p, b, with_taps), has_aux=True)
@@ -80,7 +86,8 @@ def make_train_step(
     `(state, metrics, probe.inside_step(info))`."""
 
     def step(state: TrainState, batch: Batch):
-        grads, stats, taps = grads_and_stats(model, cfg, state.params, batch, with_taps=probe is not None)
+        taps_mode = False if probe is None else getattr(probe, "taps", "stats")
+        grads, stats, taps = grads_and_stats(model, cfg, state.params, batch, with_taps=taps_mode)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -128,12 +135,17 @@ def make_eval_step(model: Any, cfg: Config) -> Callable[[Any, Batch, jax.Array],
     (0 for padding rows), so any eval-set size runs with one compiled shape."""
 
     def eval_step(params: Any, batch: Batch, row_weights_B: jax.Array):
+        w_BxT = row_weights_B[:, None] * jnp.ones(batch["targets"].shape, jnp.float32)
+        if "loss_mask" in batch:
+            w_BxT = w_BxT * batch["loss_mask"]
+        if cfg.loss.chunk and cfg.loss.chunk < batch["inputs"].shape[1]:
+            hidden, _ = model.apply(params, batch["inputs"], hidden=True)
+            _, stats = lm_loss_chunked(lambda x: model.head(params, x), hidden, batch["targets"],
+                                       chunk=cfg.loss.chunk, mask=w_BxT)
+            return stats["ce"] * jnp.maximum(jnp.sum(w_BxT), 1.0), jnp.sum(w_BxT)
         logits, _ = model.apply(params, batch["inputs"])
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll_BxT = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        w_BxT = row_weights_B[:, None] * jnp.ones_like(nll_BxT)
-        if "loss_mask" in batch:
-            w_BxT = w_BxT * batch["loss_mask"]
         return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT)
 
     return eval_step
