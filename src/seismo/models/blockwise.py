@@ -7,14 +7,14 @@ diagonal and keeps, per query row, what the attention needs to finish without ev
 [T, S] map: no block of logits lives beyond one (query block, key block) pair.
 
 * softmax (the online softmax of Milakov & Gimelshein 2018, arXiv 1805.02867, as used by
-  FlashAttention, Dao et al. 2022, arXiv 2205.14135, Alg. 1): a running row max m, a running
+  FlashAttention, Dao et al. 2022, arXiv 2205.14135, section 3.1; docs/methods.md §11.1): a running row max m, a running
   normaliser l = sum_j exp(s_ij - m_i) and an accumulator sum_j exp(s_ij - m_i) v_j,
   rescaled by exp(m_old - m_new) whenever the max grows. out = acc / l, lse = m + log l.
-* sigmoid (FlashSigmoid, Ramapuram et al. 2024, arXiv 2409.04431, section 4 and Eq. 3):
+* sigmoid (FlashSigmoid, Ramapuram et al. 2024, arXiv 2409.04431; docs/methods.md §11.2):
   a_ij = sigma(s_ij + b) needs no row max and no normaliser; the accumulator is a plain sum.
 
 The backward pass (a `jax.custom_vjp`) recomputes each block's weights from q, k and the
-saved per-row log-sum-exp (FlashAttention, Alg. 2, without the atomic adds: one pass over
+saved per-row log-sum-exp (FlashAttention, Appendix B, without the atomic adds: one pass over
 query blocks for dq and one over key blocks for dk and dv), so training memory is linear in
 T too. Gradients flow into q, k, v, the sigmoid bias and the returned lse (whose cotangent
 the explicit attention-bias slot needs, attention.py).
@@ -24,7 +24,7 @@ when j <= i. Grouped-query attention: q has H heads, k and v have Hkv (H % Hkv =
 head h reads kv head h // (H / Hkv); nothing is repeated in memory.
 
 With `stats=True` the forward pass also returns the per-row quantities the in-step probes
-reduce (docs/methods.md §1.3, 2.5, 7.2, 7.5), from the same running values: max |q.k| scale
+reduce (docs/methods.md §11.3), from the same running values: max |q.k| scale
 over visible keys, the log-sum-exp of the scores, the softmax-weighted mean score (entropy =
 lse - mean score), the first key's score (the sink), and for sigmoid the row mass sum_j a_ij
 and sum_j a_ij log a_ij. `finish_row_stats` turns them into per-layer scalars.
