@@ -1,13 +1,15 @@
-"""seismo GPU benchmarks. Today one section, `kernels`: the FlashSigmoid Pallas kernel
-(src/seismo/models/kernels/flash_sigmoid.py) against fused softmax attention.
+"""seismo GPU benchmarks. Two sections: `kernels`, the FlashSigmoid Pallas kernel
+(src/seismo/models/kernels/flash_sigmoid.py) against fused softmax attention, and `model`,
+tokens/s and MFU of seismo's train step (gpt2_small, bf16, T 1024 and 2048) with explicit
+against fused attention (`model.attention_impl`).
 
     PYTHONPATH=src python3 benchmarks/gpu.py                         # every section, GPU shapes
     PYTHONPATH=src python3 benchmarks/gpu.py --only kernels --json kernels.json
     PYTHONPATH=src python3 benchmarks/gpu.py --only kernels --seq-lens 1024,4096 --head-dims 128
     PYTHONPATH=src python3 benchmarks/gpu.py --cpu-smoke --json /tmp/smoke.json   # seconds, CPU
 
-Needs only jax (the kernel module is loaded from its file, so neither seismo's package imports
-nor its other dependencies are needed). A table goes to stdout as Markdown, progress to stderr,
+The kernels section needs only jax (the kernel module is loaded from its file); the model
+section imports seismo from src/ (jax, flax, optax, numpy, yaml). A table goes to stdout as Markdown, progress to stderr,
 and `--json PATH` writes every row, the correctness check and the machine.
 
 kernels: causal self-attention, bfloat16 q, k, v [B, T, H, D] (defaults B=4, H=16, D 64 and
@@ -29,6 +31,12 @@ memory, unsupported shape) gets its error in the row instead of a time. Before t
 `check` step compares FlashSigmoid's output and gradients with sigmoid_xla in float32 at the
 smallest T (compiled on GPU, i.e. the real Triton kernels).
 
+model: seismo's jitted `engine.train_step` on one pre-made device batch of `--model-tokens`
+tokens (batch = tokens / T), per `model.attention_impl`; median seconds per step over
+`--model-repeats` runs of `--model-steps` steps after two warm-up steps. tokens/s = batch T /
+step; MFU = the PaLM model FLOPs per step (seismo.train.aot.model_flops_per_step: 6 N per token
+plus 12 L H Q T attention) / step time / the chip's dense bf16 peak (989 TFLOP/s for H200).
+
 A new section is a function `run(args) -> dict` plus a SECTIONS entry and its arguments in
 `add_arguments`; `--only a,b` picks sections.
 """
@@ -49,6 +57,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _KERNEL_FILE = Path(__file__).resolve().parents[1] / "src/seismo/models/kernels/flash_sigmoid.py"
 
@@ -297,9 +306,101 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# model: seismo's train step, explicit against fused attention
+
+H200_PEAK_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (NVIDIA's datasheet, no sparsity)
+
+
+def model_bench(*, preset: str, seq_lens: list[int], tokens_per_step: int, impls: list[str], dtype: str,
+                steps: int, repeats: int, peak_flops: float | None) -> dict[str, Any]:
+    """tokens/s and MFU of seismo's jitted train step per attention implementation."""
+    from seismo import config as config_lib
+    from seismo.train import aot
+    from seismo.train import engine as engine_lib
+    from seismo.train import mesh as mesh_lib
+
+    rows = []
+    for T in seq_lens:
+        batch = max(1, tokens_per_step // T)
+        for impl in impls:
+            row = dict(preset=preset, T=T, batch=batch, impl=impl, dtype=dtype)
+            try:
+                overrides = [f"data.seq_len={T}", f"model.max_seq_len={T}", f"data.batch_size={batch}",
+                             f"model.attention_impl={impl}", f"model.dtype={dtype}", "run.probe_every=0",
+                             "run.steps=1000"]
+                cfg = config_lib.load("tiny", overrides=([f"model={preset}"] if preset != "tiny" else []) + overrides)
+                eng = engine_lib.build(cfg, mesh_lib.make_mesh(cfg.mesh))
+                rng = np.random.default_rng(0)
+                toks = rng.integers(1, cfg.model.vocab_size, (batch, T + 1)).astype(np.int32)
+                data = jax.device_put({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, eng.batch_sharding)
+                state = eng.init_state()
+
+                def run(state, n, eng=eng, data=data):
+                    for _ in range(n):
+                        state, metrics = eng.train_step(state, data)
+                    jax.block_until_ready(metrics)
+                    return state
+
+                t0 = time.perf_counter()
+                state = run(state, 2)
+                row["first_steps_s"] = time.perf_counter() - t0
+                per_step = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    state = run(state, steps)
+                    per_step.append((time.perf_counter() - t0) / steps)
+                step_s = statistics.median(per_step)
+                flops = aot.model_flops_per_step(cfg, eng.params_shape)
+                row.update(step_ms=step_s * 1e3, tokens_per_s=batch * T / step_s, model_flops=flops,
+                           mfu=(flops / step_s / peak_flops) if peak_flops else None)
+            except Exception as e:  # noqa: BLE001 - reported in the row, the other rows still run
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(f"model {row}")
+            rows.append(row)
+    return dict(rows=rows, peak_flops=peak_flops)
+
+
+def model_table(result: dict[str, Any]) -> str:
+    lines = ["| preset | T | batch | impl | ms/step | tokens/s | MFU |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['T']} | {r['batch']} | {r['impl']} | {r['error']} | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        lines.append(f"| {r['preset']} | {r['T']} | {r['batch']} | {r['impl']} | {r['step_ms']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {mfu} |")
+    return "\n".join(lines)
+
+
+def run_model(args: argparse.Namespace) -> dict[str, Any]:
+    on_gpu = jax.default_backend() == "gpu"
+    if args.cpu_smoke:
+        kw = dict(preset="tiny", seq_lens=[64], tokens_per_step=256, impls=["explicit", "blockwise", "dot_product"],
+                  dtype="float32", steps=2, repeats=2)
+    else:
+        kw = dict(preset=args.model_preset, seq_lens=[int(t) for t in args.model_seq_lens.split(",")],
+                  tokens_per_step=args.model_tokens, impls=args.model_impls.split(","), dtype=args.model_dtype,
+                  steps=args.model_steps, repeats=args.model_repeats)
+    result = model_bench(**kw, peak_flops=H200_PEAK_BF16 if on_gpu else None)
+    print(model_table(result), flush=True)
+    return result
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", default="gpt2_small")
+    g.add_argument("--model-seq-lens", default="1024,2048")
+    g.add_argument("--model-tokens", type=int, default=16384, help="tokens per step (batch = tokens / T)")
+    g.add_argument("--model-impls", default="explicit,dot_product,blockwise,pallas")
+    g.add_argument("--model-dtype", default="bfloat16")
+    g.add_argument("--model-steps", type=int, default=5)
+    g.add_argument("--model-repeats", type=int, default=5)
+
+
+# ----------------------------------------------------------------------------------------------
 # driver
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"kernels": run_kernels}
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"kernels": run_kernels, "model": run_model}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -309,6 +410,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiny shapes, Pallas interpret mode: checks the script runs, in seconds")
     p.add_argument("--json", default=None, help="write the results here")
     add_kernel_arguments(p)
+    add_model_arguments(p)
 
 
 def machine() -> dict[str, Any]:

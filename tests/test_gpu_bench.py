@@ -44,3 +44,16 @@ def test_cpu_smoke_writes_table_and_json(tmp_path):
 def test_unknown_section_is_an_error():
     proc = run_bench("--only", "nope", timeout=120)
     assert proc.returncode == 2 and "unknown section" in proc.stderr
+
+
+@pytest.mark.multiprocess
+def test_cpu_smoke_model_section(tmp_path):
+    out = tmp_path / "model.json"
+    proc = run_bench("--cpu-smoke", "--only", "model", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| preset | T | batch | impl |" in proc.stdout
+    rows = json.loads(out.read_text())["model"]["rows"]
+    assert {r["impl"] for r in rows} == {"explicit", "blockwise", "dot_product"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["model_flops"] > 0 and r["mfu"] is None  # no peak known on the CPU
