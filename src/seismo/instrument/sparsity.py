@@ -236,13 +236,14 @@ def _layer_curve(order_NxF: np.ndarray, ratio_NxF1: np.ndarray,
     truncated_M1 /= n_tokens
     # candidate j truncates the outputs below it: those before the first one equal to it
     top = np.nextafter(sorted_M[-1], np.float32(np.inf))
-    first_M = np.arange(m)
+    candidates = np.append(sorted_M, top)
     new_run = np.ones(m, bool)
     new_run[1:] = sorted_M[1:] != sorted_M[:-1]
-    if not new_run.all():
-        first_M = np.maximum.accumulate(np.where(new_run, first_M, 0))
+    if new_run.all() and top > sorted_M[-1]:  # no equal norms: candidate j truncates j outputs
+        return candidates, truncated_M1
+    first_M = np.maximum.accumulate(np.where(new_run, np.arange(m), 0))
     first_top = m if top > sorted_M[-1] else first_M[-1]
-    return np.append(sorted_M, top), truncated_M1[np.append(first_M, first_top)]
+    return candidates, truncated_M1[np.append(first_M, first_top)]
 
 
 def threshold_from_curve(curve: CettCurve, target_cett: float) -> np.ndarray:
