@@ -207,8 +207,8 @@ def cett_curve(acts_LxNxF: ArrayLike | Sequence[ArrayLike],
     Per layer: each token's outputs in increasing norm and its CETT ratio after each one
     (`_token_cett`, on the device); then all N*F outputs in increasing norm, where truncating
     the next one changes its token's ratio by a known step, so CETT at the j-th smallest norm
-    is the running sum of the first j steps over N (float64 sums on the host, exact to ~1e-11,
-    against the ~1e-7 float32 rounding of `cett` itself). Equal norms are truncated together,
+    is the running sum of the first j steps over N (float64 sums on the host, whose rounding is
+    far below the float32 rounding of `cett` itself). Equal norms are truncated together,
     as `cett`'s `norms < eps` does. The norms and ratios come to the host once; the host
     works one layer at a time (about 40 bytes per token and neuron).
     """
