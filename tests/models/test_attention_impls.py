@@ -167,7 +167,7 @@ def test_in_layer_logz_and_max_logit_match_numpy_over_full_taps():
 
 def test_auto_picks_per_backend_and_kind():
     assert attention.resolve_impl(cfg_of(), 128, "cpu") == "explicit"  # short sequences on the CPU
-    assert attention.resolve_impl(cfg_of(), 512, "cpu") == "blockwise"
+    assert attention.resolve_impl(cfg_of(), 256, "cpu") == "blockwise"
     assert attention.resolve_impl(cfg_of(), 128, "tpu") == "blockwise"
     assert attention.resolve_impl(cfg_of(attention="sigmoid"), 128, "gpu") == "blockwise"  # until run on a GPU
     assert attention.resolve_impl(cfg_of(dtype="bfloat16"), 128, "gpu") == "dot_product"

@@ -210,9 +210,10 @@ IMPLS.register("pallas", AttentionImpl(
     _pallas_unsupported, _pallas_run,
     "Pallas kernels: FlashSigmoid (seismo.models.kernels) for sigmoid, the Pallas GPU flash attention for softmax"))
 
-# `auto` on the CPU keeps the explicit maps up to this length: below it they are small and the
-# explicit einsums are faster than the blockwise loop (benchmarks/RESULTS.md, attention paths).
-CPU_EXPLICIT_MAX_T = 256
+# `auto` on the CPU keeps the explicit maps up to this length. Measured (benchmarks/attention.py,
+# benchmarks/RESULTS.md): at T = 64 the two are equal, at T = 256 blockwise takes 0.89x the
+# explicit step's time; up to 128 explicit also keeps every earlier run's numbers bit for bit.
+CPU_EXPLICIT_MAX_T = 128
 
 
 def impl_unsupported(cfg: ModelConfig, impl: str) -> str | None:

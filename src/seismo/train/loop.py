@@ -299,6 +299,7 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
         mesh = mesh_lib.make_mesh(cfgs[0].mesh)  # mesh, memory and data are checked before anything is written
         engine = engine_lib.build(cfgs[0], mesh, points=cfgs if vmapped else None, probe=probe)
         engine_lib.check_memory(engine)
+        cfgs = list(engine.cfgs)  # with what `auto` resolved to (model.attention_impl), as config.yaml records
         feed = Feed(engine)
         if stop.requested:  # stopped while starting up: nothing written, nothing to save
             return [RunResult(status="preempted", step=0, run_dir=d) for d in run_dirs]
@@ -309,7 +310,8 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
             if writer_host:
                 config_lib.dump(c, d / rundir.CONFIG_FILE)
             runs.append(PointRun(c, d, writer_host, engine.probes[i] if engine.probes else None))
-        record = {"data": feed.info, "steps": engine.cfg.run.steps}
+        record = {"data": feed.info, "steps": engine.cfg.run.steps,
+                  "attention_impl": engine.cfg.model.attention_impl}
         if vmapped:
             record["vmapped_group"] = len(cfgs)
         try:
