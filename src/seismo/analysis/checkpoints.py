@@ -9,7 +9,8 @@ Every saved checkpoint is evaluated on the run's fixed evaluation set (the first
 of `data.eval_set()`, N = `eval_sequences`, default 16) by ONE compiled function: the params are
 its argument, and all statistics are computed on the taps inside it (tables.py), so full
 activations never leave the device. Only the CETT-PPL search loops on the host, around a
-second compiled function (the eval loss under neuron thresholds).
+second compiled function (the eval loss under neuron thresholds), after one pass that brings
+each layer's neuron-output norms to the host and sorts them (sparsity.cett_curve).
 
 Tables (RUN_DIR/analysis/<group>.csv, tidy: one row per step, layer, head and metric; layer
 or head empty where it does not apply; columns in `tables.columns(group)`), chosen by `probes`:
