@@ -131,3 +131,26 @@ def test_top_level_names_are_the_lazy_ones_and_resolve():
 
     assert set(seismo.__all__) == {*seismo._SUBMODULES, *seismo._FUNCTIONS, "__version__"}
     assert all(getattr(seismo, name) is not None for name in seismo.__all__)
+
+
+def test_scan_layers_auto_is_resolved_by_depth_when_the_config_is_made(tmp_path):
+    """`model.scan_layers: auto` becomes a bool at load (config.yaml records it; a run keeps one
+    checkpoint layout), by the depth alone: the same on every backend."""
+    deep_n = config.SCAN_LAYERS_FROM
+    shallow = config.load(None, ["model.scan_layers=auto", f"model.n_layers={deep_n - 1}"])
+    deep = config.load(None, ["model.scan_layers=auto", f"model.n_layers={deep_n}"])
+    assert shallow.model.scan_layers is False and deep.model.scan_layers is True
+    assert config.load(None).model.scan_layers is True  # the default stays the scan
+    assert config.load(None, ["model.n_layers=2", "model.scan_layers=false"]).model.scan_layers is False
+    path = tmp_path / "config.yaml"
+    config.dump(shallow, path)
+    assert "scan_layers: false" in path.read_text() and "scan_layers: auto" not in path.read_text()
+    assert config.load(path) == shallow  # a resumed run compares equal to its record
+    assert config.with_overrides(shallow, ["model.scan_layers=auto", f"model.n_layers={deep_n}"]) == deep
+    # a depth sweep from a base that says auto: each point at its own depth
+    base = write(tmp_path, "base.yaml", "model:\n  scan_layers: auto\n")
+    assert [config.load(base, [f"model.n_layers={n}"]).model.scan_layers for n in (1, deep_n, 2 * deep_n)] == [
+        False, True, True]
+    assert config.ModelConfig(scan_layers="auto", n_layers=deep_n).scan_layers is True  # made in code too
+    with pytest.raises(ConfigError, match="model.scan_layers must be bool or 'auto'"):
+        config.load(None, ["model.scan_layers=sometimes"])

@@ -40,6 +40,20 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- sections
 
 
+# `model.scan_layers: auto` scans the blocks (nn.scan) from this many layers on and unrolls them
+# below. Measured on a 2-core CPU (benchmarks/RESULTS.md, `benchmarks/run.py layers`): at 2-4
+# layers the unrolled step takes 7-17% less CPU and compiles faster; from 6 layers on the scan
+# compiles in half the time or less and, at the proxy_256 width, is as fast or faster (30% at
+# 12 layers). It depends on the depth alone, never on the backend, because the checkpoint
+# layout follows it ('blocks' stacked, or 'block_0', 'block_1', ...).
+SCAN_LAYERS_FROM = 6
+
+
+def resolve_scan_layers(n_layers: int) -> bool:
+    """What `model.scan_layers: auto` becomes for a model of `n_layers` blocks."""
+    return n_layers >= SCAN_LAYERS_FROM
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer. Defaults follow Wortsman et al. 2023 (docs/methods.md §1.1)
@@ -85,9 +99,16 @@ class ModelConfig:
     mup: Literal["off", "simple", "full"] = "off"  # muParam (docs/methods.md §1.5)
     mup_base_width: int = 256
     # execution
-    scan_layers: bool = True
+    # 'auto': scan from SCAN_LAYERS_FROM layers on, a Python loop below; resolved to a bool when
+    # the config is made (the same on every backend), so config.yaml records it and a run keeps
+    # one checkpoint layout
+    scan_layers: bool | Literal["auto"] = True
     remat: Literal["none", "full", "dots", "dots_no_batch", "attention"] = "none"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
+
+    def __post_init__(self) -> None:
+        if self.scan_layers == "auto":  # frozen: set once, here
+            object.__setattr__(self, "scan_layers", resolve_scan_layers(self.n_layers))
 
     @property
     def resolved_head_dim(self) -> int:
@@ -508,6 +529,8 @@ def validate(cfg: Config, origin: str = "config") -> None:
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
                 fail(f"{section}.{f.name} is {v}, past the largest value seismo counts in (2^31 - 1 = {MAX_INT}); "
                      "steps, sizes and seeds are int32 on the device")
+    if not isinstance(m.scan_layers, bool):  # 'auto' is resolved when the ModelConfig is made
+        fail(f"model.scan_layers must be true, false or auto, got {m.scan_layers!r}")
     if m.rope_base <= 1 and m.positions == "rope":
         fail(f"model.rope_base must be greater than 1 (10000 is usual), got {m.rope_base}")
     if m.head_dim is None and m.d_model % m.n_heads:
