@@ -232,7 +232,8 @@ def test_rerun_is_idempotent_and_does_not_recompute(run, monkeypatch):
     analyze.analyze_run(run_dir, progress=False)
     assert calls == []
     assert {p.name: p.read_bytes() for p in (run_dir / "analysis").glob("*.csv")} == before
-    assert tables.stats_fn(models.build(run[1].model), tables.check_groups(None))._cache_size() == 1  # one compile
+    recorded = config.load(run_dir / "config.yaml")  # the model as trained (attention_impl resolved)
+    assert tables.stats_fn(models.build(recorded.model), tables.check_groups(None))._cache_size() == 1  # one compile
 
 
 def test_new_or_interrupted_checkpoint_is_appended_once(run, tmp_path, monkeypatch):

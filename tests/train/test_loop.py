@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seismo import config
+from seismo import config, models
 from seismo.train import checkpoint as ckpt_lib
 from seismo.train.loop import train
 
@@ -50,7 +50,10 @@ def test_run_directory_is_complete(reference_run):
     run_dir, result = reference_run
     assert result.status == "finished" and result.exit_code == 0 and result.step == 12
     assert (run_dir / "config.yaml").exists()
-    assert config.load(run_dir / "config.yaml") == tiny()
+    # the config as given, with what model.attention_impl: auto resolved to on this platform
+    assert tiny().model.attention_impl == "auto"
+    assert config.load(run_dir / "config.yaml") == models.resolve_attention(tiny(), "cpu")
+    assert config.load(run_dir / "config.yaml").model.attention_impl == "explicit"
     all_rows = rows(run_dir)
     evals = [r for r in all_rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 6, 12]

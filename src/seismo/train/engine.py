@@ -187,12 +187,13 @@ def build(cfg: Config, mesh: Mesh, *, points: Sequence[Config] | None = None,
     platform (a TPU topology compiled ahead of time on a CPU gets the TPU's choice); the
     engine's `cfgs` say what it became. `probe`: makes the in-step probe of each run (default:
     seismo's instability probes), used when `probes` (default: run.probe_every > 0)."""
-    platform = mesh.devices.flat[0].platform
-    cfgs = tuple(models.resolve_attention(c, platform) for c in (points if points is not None else (cfg,)))
-    cfg = cfgs[0]
+    cfgs = tuple(points) if points is not None else (cfg,)
     if points is not None:
         check_vmappable(cfgs)
-    check_batch(cfg, mesh)
+    check_batch(cfgs[0], mesh)
+    platform = mesh.devices.flat[0].platform
+    cfgs = tuple(models.resolve_attention(c, platform) for c in cfgs)
+    cfg = cfgs[0]
     n_points = len(cfgs) if points is not None else None
     model = models.build(cfg.model)
     steps = cfg.run.steps
