@@ -43,9 +43,9 @@ class ConfigError(ValueError):
 # `model.scan_layers: auto` scans the blocks (nn.scan) from this many layers on and unrolls them
 # below. Measured on a 2-core CPU (benchmarks/RESULTS.md, `benchmarks/run.py layers`): at 2-4
 # layers the unrolled step takes 7-17% less CPU and compiles faster; from 6 layers on the scan
-# compiles in half the time or less and, at the proxy_256 width, is as fast or faster (30% at
-# 12 layers). It depends on the depth alone, never on the backend, because the checkpoint
-# layout follows it ('blocks' stacked, or 'block_0', 'block_1', ...).
+# compiles faster (0.3-0.7x the time) and, at the proxy_256 width, runs as fast or faster (the
+# unrolled step costs 30% more at 12 layers). It depends on the depth alone, never on the
+# backend, because the checkpoint layout follows it ('blocks' stacked, or 'block_0', ...).
 SCAN_LAYERS_FROM = 6
 
 
