@@ -349,8 +349,7 @@ class Attention(nn.Module):
         if slot is not None:  # slot 0 seen by every query, no ALiBi distance (Sun et al. 2024)
             out, slot_score = _join_slot(out, lse, q, slot, kind.fused, scale, bias)
         if mode == "stats":
-            tap_stats(self, blockwise.finish_row_stats(kind.fused, rows, bias=bias, slot_score=slot_score,
-                                                       slot_logit=slot_score))
+            tap_stats(self, blockwise.finish_row_stats(kind.fused, rows, bias=bias, slot_score=slot_score))
         return out
 
     def _gate(self, x_BxTxD: jax.Array) -> jax.Array:

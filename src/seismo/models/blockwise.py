@@ -291,12 +291,10 @@ def finish_row_stats(
     *,
     bias: Any = 0.0,
     slot_score: jax.Array | None = None,
-    slot_logit: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Per-layer scalars from the per-row values of `blockwise_attention(..., stats=True)`.
 
-    `slot_score` / `slot_logit` [B, H, T]: the score (and logit q.k' scale, the same thing:
-    the slot has no ALiBi distance) of an explicit attention-bias slot that every query sees
+    `slot_score` [B, H, T]: the score q.k' scale (also its logit: the slot has no ALiBi distance) of an explicit attention-bias slot that every query sees
     (Sun et al. 2024, arXiv 2402.17762), combined here as one more key. Returns, averaged over
     batch, heads and queries unless said otherwise:
       attn_logit_max  max |q.k| scale over visible keys (Wortsman et al. 2023, arXiv 2309.14322, §3.1)
@@ -307,7 +305,7 @@ def finish_row_stats(
     """
     zmax, lse, mean_s, first = rows["zmax"], rows["lse"], rows["mean_score"], rows["first_score"]
     if slot_score is not None:
-        zmax = jnp.maximum(zmax, jnp.abs(slot_logit))
+        zmax = jnp.maximum(zmax, jnp.abs(slot_score))
         total = jnp.logaddexp(lse, slot_score)
         mean_s = jnp.exp(lse - total) * mean_s + jnp.exp(slot_score - total) * slot_score
         lse = total

@@ -34,9 +34,14 @@ class TrainState:
     opt_state: Any
 
 
+def _chunked(cfg: Config, batch: Batch) -> bool:
+    """Whether the head and cross-entropy run in chunks of `loss.chunk` positions."""
+    return 0 < cfg.loss.chunk < batch["inputs"].shape[1]
+
+
 def _loss(model: Any, cfg: Config, params: Any, batch: Batch, with_taps: bool | str):
     mask = batch.get("loss_mask")
-    if cfg.loss.chunk and cfg.loss.chunk < batch["inputs"].shape[1] and with_taps != "full":
+    if _chunked(cfg, batch) and with_taps != "full":  # full taps record the whole logits
         hidden, taps = model.apply(params, batch["inputs"], taps=with_taps, hidden=True)
         loss, stats = lm_loss_chunked(lambda x: model.head(params, x), hidden, batch["targets"],
                                       chunk=cfg.loss.chunk, z_loss=cfg.loss.z_loss, mask=mask)
@@ -138,7 +143,7 @@ def make_eval_step(model: Any, cfg: Config) -> Callable[[Any, Batch, jax.Array],
         w_BxT = row_weights_B[:, None] * jnp.ones(batch["targets"].shape, jnp.float32)
         if "loss_mask" in batch:
             w_BxT = w_BxT * batch["loss_mask"]
-        if cfg.loss.chunk and cfg.loss.chunk < batch["inputs"].shape[1]:
+        if _chunked(cfg, batch):
             hidden, _ = model.apply(params, batch["inputs"], hidden=True)
             _, stats = lm_loss_chunked(lambda x: model.head(params, x), hidden, batch["targets"],
                                        chunk=cfg.loss.chunk, mask=w_BxT)
