@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,45 @@ cadence (log/eval/probe/checkpoint intervals) or mesh. Exit status: 0 finished o
 (resumable), 3 diverged (a non-finite loss; recorded in metrics.jsonl), 2 bad input or a
 run directory that is in use or was made by another config.
 """
+
+
+EPILOG_COMPILE = """\
+examples:
+  seismo compile configs/tiny.yaml --topology v5e:2x2
+  seismo compile configs/tiny.yaml --set model=gpt2_small --set data.seq_len=1024 \\
+      --set data.batch_size=32 --topology v5e:2x2 --topology v4-8 --json aot.json
+  seismo compile configs/tiny.yaml --topology v5litepod-16 --mesh data=4,fsdp=4 --no-probe
+  seismo compile configs/tiny.yaml --topology host
+
+A step fits when it compiles and its buffers (arguments + outputs - donated + temporaries +
+code) are within the memory a device may use; the verdict says by how much either way: "fits
+with X% headroom" or "does not fit by Y GiB". Exit status: 0 every topology fits, 1 some
+topology does not fit, 2 bad input (a config or topology name, no libtpu for a TPU slice).
+See TPU_SETUP.md.
+"""
+
+EXIT_DOES_NOT_FIT = 1
+HOST_TOPOLOGIES = ("host", "cpu")
+
+
+def _mesh_sizes(text: str) -> dict[str, int]:
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"--mesh {text!r}: write e.g. data=2,fsdp=4 (axes data, fsdp, tensor)")
+        out[key.strip()] = int(value)
+    return out
+
+
+def _fraction(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"--mfu {text!r}: give a fraction in (0, 1], e.g. 0.4")
+    return x
 
 
 def _version() -> str:
@@ -90,6 +130,34 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="figures and report.md for a run or a sweep",
                        description="Write figures/*.png and report.md for a run directory or a sweep directory.")
     r.add_argument("path", help="a run directory or a sweep directory")
+
+    c = sub.add_parser("compile", help="does a config fit a TPU slice (or this machine)? compile ahead of time",
+                       epilog=EPILOG_COMPILE, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Compile the real train step (and the probe step when run.probe_every > 0) "
+                                   "ahead of time and report memory per device against HBM, FLOPs per step, the "
+                                   "step time at a stated MFU and a verdict. TPU slices need libtpu "
+                                   "(pip install -e '.[tpu]'), no TPU; --topology host needs nothing.")
+    c.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
+    c.add_argument("--topology", action="append", required=True, metavar="NAME",
+                   help="TPU slice: generation:shape in chips (v5e:2x2, v4:2x2x1, v5p:2x2x2, v6e:4x4, tpu7x:2x2x1) "
+                        "or a Cloud accelerator type (v5litepod-16, v4-8, v5p-32); or 'host' (also 'cpu'): this "
+                        "machine's own devices; repeatable")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.batch_size=64 (repeatable)")
+    c.add_argument("--mesh", type=_mesh_sizes, default=None, metavar="AXIS=N,...",
+                   help="mesh sizes, e.g. fsdp=4 or data=2,fsdp=2,tensor=1 (same as --set mesh.fsdp=4)")
+    c.add_argument("--mfu", type=_fraction, default=None, metavar="FRACTION",
+                   help="the model FLOPs utilisation at which to state the step time (default 0.4)")
+    c.add_argument("--peak-flops", type=float, default=None, metavar="FLOP/S",
+                   help="peak FLOP/s per device, instead of seismo's table (same as --set run.peak_flops=...)")
+    c.add_argument("--chip-config", default=None,
+                   help="libtpu chip_config_name (default: what Cloud TPU VMs run, e.g. megacore on v4)")
+    c.add_argument("--num-slices", type=int, default=1, help="multislice: number of slices joined by DCN")
+    probe = c.add_mutually_exclusive_group()
+    probe.add_argument("--probe", dest="probes", action="store_true", default=None,
+                       help="also compile the instrumented step even if run.probe_every is 0")
+    probe.add_argument("--no-probe", dest="probes", action="store_false", help="compile only the plain train step")
+    c.add_argument("--json", default=None, metavar="PATH", help="also write the reports as JSON")
     return p
 
 
@@ -155,7 +223,52 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = report(args.path)
         print(f"report written to {out}")
         return 0
+    if args.command == "compile":
+        return _compile(args)
     raise AssertionError(args.command)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    """`seismo compile`: one report per topology; 0 all fit, 1 one does not, 2 bad input."""
+    import jax
+
+    from seismo import config as config_lib
+    from seismo.train import aot
+
+    tpu = [t for t in args.topology if t.lower() not in HOST_TOPOLOGIES]
+    if tpu and len(tpu) == len(args.topology) and "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")  # a TPU slice needs no accelerator: leave the chips alone
+    cfg = config_lib.load(args.config, args.overrides)  # ConfigError: one line, exit 2
+    for t in tpu:
+        try:
+            aot.parse_topology(t)
+        except ValueError as e:
+            return _fail("compile", str(e))
+    if tpu and not aot.libtpu_available():
+        return _fail("compile", "libtpu is not installed in this environment, so there is no TPU compiler to ask. "
+                                "Install it with `pip install -e '.[tpu]'` (best in its own virtualenv; see "
+                                "TPU_SETUP.md), or use --topology host for this machine's own devices.")
+    kw = {"mesh": args.mesh, "probes": args.probes, "peak_flops": args.peak_flops,
+          "mfu": aot.DEFAULT_MFU if args.mfu is None else args.mfu}
+    reports, status = [], 0
+    for topology in args.topology:
+        try:
+            if topology.lower() in HOST_TOPOLOGIES:
+                report = aot.compile_for_host(cfg, **kw)
+            else:
+                report = aot.compile_for_topology(cfg, topology, chip_config=args.chip_config,
+                                                  num_slices=args.num_slices, **kw)
+        except (config_lib.ConfigError, ValueError) as e:
+            _fail("compile", f"{topology}: {e}")
+            status = EXIT_BAD_INPUT
+            continue
+        print(aot.format_report(report), flush=True)
+        reports.append(report)
+        if not report["fits"] and status == 0:
+            status = EXIT_DOES_NOT_FIT
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=1) + "\n")
+    return status
 
 
 if __name__ == "__main__":

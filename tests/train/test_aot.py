@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation for TPU slices (seismo.train.aot, scripts/tpu_aot_check.py).
+"""Ahead-of-time compilation for TPU slices (seismo.train.aot, `seismo compile`, and
+scripts/tpu_aot_check.py, its wrapper).
 
 Most of it runs everywhere: topology names, the chip table, the parsing of compiler
 messages, the report and its printing, and the real train step compiled ahead of time for
@@ -16,7 +17,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from seismo import config
+from seismo import cli, config
 from seismo.train import aot, engine
 
 GiB = 2**30
@@ -104,36 +105,59 @@ def test_memory_and_cost_reports():
 
 def test_verdicts():
     assert aot.verdict({"compiled": True, "peak_bytes": 10}, 10) == "fits"
-    assert aot.verdict({"compiled": True, "peak_bytes": 11}, 10) == "tight"
+    assert aot.verdict({"compiled": True, "peak_bytes": 11}, 10) == "does not fit"  # never "tight"
     assert aot.verdict({"compiled": True, "peak_bytes": 11}, None) == "fits"
     assert aot.verdict({"compiled": False}, 10) == "does not fit"
 
 
+HBM = int(15.75 * GiB)
+
+
 def _report(**steps):
-    return {"topology": "v5e:2x2", "platform": "tpu", "n_devices": 4, "device_kind": "TPU v5 lite", "n_hosts": 1,
-            "mesh": {"data": 4, "fsdp": 1, "tensor": 1}, "hbm_bytes_per_device": int(15.75 * GiB),
-            "params": 162_220_000, "global_batch": 16, "seq_len": 1024, "tokens_per_step": 16384,
-            "model_flops_per_step": 1.4e13, "step_s_at_peak": 0.0178, "steps": steps,
-            "fits": all(s["verdict"] == "fits" for s in steps.values())}
+    rep = {"topology": "v5e:2x2", "platform": "tpu", "n_devices": 4, "device_kind": "TPU v5 lite", "n_hosts": 1,
+           "mesh": {"data": 4, "fsdp": 1, "tensor": 1}, "mesh_layout": "physical", "mesh_dcn": [1, 1, 1],
+           "hbm_bytes_per_device": HBM, "params": 162_220_000, "global_batch": 16, "seq_len": 1024,
+           "tokens_per_step": 16384, "model_flops_per_step": 1.4e13, "peak_flops_per_device": 197e12,
+           "step_s_at_peak": 1.4e13 / (4 * 197e12), "mfu_assumed": 0.4, "step_s_at_mfu": 1.4e13 / (4 * 197e12 * 0.4),
+           "tokens_per_s_at_mfu": 16384 * 4 * 197e12 * 0.4 / 1.4e13, "steps": steps,
+           "fits": all(s["verdict"] == "fits" for s in steps.values())}
+    rep["verdict"] = aot.overall_verdict(rep)
+    return rep
 
 
 def _step(peak, compiled=True):
     if not compiled:
-        return {"compiled": False, "verdict": "does not fit", **aot.parse_oom(OOM)}
-    return {"compiled": True, "argument_bytes": GiB, "output_bytes": GiB, "alias_bytes": GiB, "temp_bytes": peak - GiB,
-            "code_bytes": 0, "peak_bytes": peak, "hbm_fraction": peak / (15.75 * GiB), "flops": 1e12,
-            "compile_s": 100.0, "verdict": aot.verdict({"compiled": True, "peak_bytes": peak}, int(15.75 * GiB))}
+        rep = {"compiled": False, **aot.parse_oom(OOM)}
+    else:
+        rep = {"compiled": True, "argument_bytes": GiB, "output_bytes": GiB, "alias_bytes": GiB,
+               "temp_bytes": peak - GiB, "code_bytes": 0, "peak_bytes": peak, "flops": 1e12, "compile_s": 100.0}
+    aot._judge(rep, HBM)
+    return rep
+
+
+def test_verdict_says_by_how_much():
+    fits = _step(12 * GiB)
+    assert fits["verdict"] == "fits" and fits["headroom_bytes"] == HBM - 12 * GiB
+    assert _report(train=fits)["verdict"] == (
+        f"fits with {100 * (15.75 - 12) / 15.75:.1f}% headroom (3.75 GiB of 15.75 GiB per device free in the train step)")
+    over = _step(17 * GiB)  # the compiler accepted it, the buffers add up to more: no
+    assert over["verdict"] == "does not fit" and over["over_bytes"] == 17 * GiB - HBM
+    assert _report(train=fits, probe=over)["verdict"].startswith("does not fit by 1.25 GiB per device (the probe step")
+    refused = _step(0, compiled=False)
+    assert refused["over_bytes"] == int(19.14 * GiB) - HBM
+    text = _report(train=refused, probe=over)["verdict"]
+    assert text.startswith("does not fit by 3.39 GiB per device (the train step; the compiler ran out of memory")
 
 
 def test_format_report():
     text = aot.format_report(_report(train=_step(12 * GiB)))
-    assert "v5e:2x2: 4 x TPU v5 lite" in text and "data=4 x fsdp=1 x tensor=1" in text
-    assert "peak 12.00 GiB (76.2% of HBM)" in text and text.endswith("verdict: fits")
-    text = aot.format_report(_report(train=_step(12 * GiB), probe=_step(17 * GiB)))
-    assert "verdict: tight" in text and "confirm on hardware" in text
+    assert "v5e:2x2: 4 x TPU v5 lite" in text and "data=4 x fsdp=1 x tensor=1 (physical layout)" in text
+    assert "peak 12.00 GiB (76.2% of HBM)" in text and text.endswith("verdict: fits with 23.8% headroom "
+                                                                     "(3.75 GiB of 15.75 GiB per device free in the train step)")
+    assert "step time at 40% MFU: 44.4 ms" in text and "tight" not in text
     text = aot.format_report(_report(train=_step(0, compiled=False), probe=_step(17 * GiB)))
     assert "DOES NOT FIT: needs 19.14 GiB of 15.75 GiB available (HLO temporaries)" in text
-    assert "verdict: does not fit" in text
+    assert "verdict: does not fit by 3.39 GiB per device" in text
 
 
 def test_model_flops_is_the_palm_count():
@@ -190,7 +214,7 @@ def test_sharded_step_matches_the_trainer_on_fake_devices(tmp_path):
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
 
 
-# --------------------------------------------------------------------------- the script
+# --------------------------------------------------------------------------- seismo compile (and the script)
 
 
 def _script_main():
@@ -202,23 +226,55 @@ def _script_main():
     return module.main
 
 
-def test_script_bad_input_exits_2(tmp_path, capsys):
-    main = _script_main()
+@pytest.mark.parametrize("main", [lambda a: cli.main(["compile", *a]), "script"], ids=["seismo compile", "script"])
+def test_compile_bad_input_exits_2(tmp_path, capsys, main):
+    main = _script_main() if main == "script" else main
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  d_model: 32\n")
     assert main([str(cfg), "--topology", "v9:2x2"]) == 2
     assert "unknown TPU generation 'v9'" in capsys.readouterr().err
     assert main([str(cfg), "--topology", "v5e:2x2", "--set", "model.d_modl=3"]) == 2
     assert "Did you mean 'model.d_model'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(cfg), "--topology", "host", "--mfu", "1.5"])
+    assert e.value.code == 2 and "--mfu '1.5': give a fraction in (0, 1]" in capsys.readouterr().err
 
 
-def test_script_without_libtpu_says_how_to_install(tmp_path, capsys, monkeypatch):
-    main = _script_main()
+def test_compile_without_libtpu_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(aot, "libtpu_available", lambda: False)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  d_model: 32\n")
-    assert main([str(cfg), "--topology", "v5e:2x2"]) == 2
-    assert "pip install -e '.[tpu]'" in capsys.readouterr().err
+    assert cli.main(["compile", str(cfg), "--topology", "v5e:2x2"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install -e '.[tpu]'" in err and "--topology host" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compile_host_end_to_end(tmp_path, capsys, monkeypatch):
+    """`seismo compile --topology host`: the real step compiled for this machine; the verdict,
+    the headroom and the step time at the stated MFU from the report's own numbers; a limit
+    below the step's buffers turns it into 'does not fit' and exit status 1."""
+    cfg = tmp_path / "c.yaml"
+    config.dump(config.load(None, MICRO), cfg)
+    out = tmp_path / "r.json"
+    args = ["compile", str(cfg), "--topology", "host", "--peak-flops", "1e12", "--mfu", "0.5", "--json", str(out)]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    (rep,) = json.loads(out.read_text())
+    train = rep["steps"]["train"]
+    assert rep["topology"] == "host" and rep["fits"] and train["verdict"] == "fits" and set(rep["steps"]) == {"train"}
+    limit = rep["hbm_bytes_per_device"]
+    assert train["headroom_bytes"] == limit - train["peak_bytes"] > 0
+    assert rep["step_s_at_mfu"] == pytest.approx(rep["model_flops_per_step"] / (rep["n_devices"] * 1e12 * 0.5))
+    assert rep["tokens_per_s_at_mfu"] == pytest.approx(rep["tokens_per_step"] / rep["step_s_at_mfu"])
+    assert f"verdict: fits with {100 * train['headroom_bytes'] / limit:.1f}% headroom" in text
+    assert "step time at 50% MFU" in text
+
+    monkeypatch.setattr(aot, "host_memory_bytes", lambda device, n: 4096)
+    assert cli.main(args) == 1
+    (rep,) = json.loads(out.read_text())
+    train = rep["steps"]["train"]
+    assert not rep["fits"] and train["over_bytes"] == train["peak_bytes"] - 4096
+    assert "verdict: does not fit by" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- TPU topologies (libtpu)
@@ -246,12 +302,14 @@ def test_compile_tiny_for_v5e_2x2():
         assert step["compiled"] and step["verdict"] == "fits"
         assert 0 < step["peak_bytes"] < 64 * 2**20 and step["alias_bytes"] > 0 and step["flops"] > 0
     assert report["step_s_at_peak"] == pytest.approx(report["model_flops_per_step"] / 4 / 197e12)
-    assert "verdict: fits" in aot.format_report(report)
+    assert report["step_s_at_mfu"] == pytest.approx(report["step_s_at_peak"] / aot.DEFAULT_MFU)
+    assert report["mesh_layout"] == "physical" and report["verdict"].startswith("fits with 99.")
+    assert "verdict: fits with" in aot.format_report(report)
 
 
 @needs_libtpu
 def test_out_of_hbm_is_reported_not_raised(tmp_path):
-    """A batch far beyond one v5e chip: the compiler refuses; the script prints it and exits 1."""
+    """A batch far beyond one v5e chip: the compiler refuses; the script (seismo compile) prints it and exits 1."""
     cfg = tmp_path / "c.yaml"
     config.dump(config.load(None, MICRO), cfg)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -259,7 +317,7 @@ def test_out_of_hbm_is_reported_not_raised(tmp_path):
                         "data.batch_size=1048576", "--json", str(tmp_path / "r.json")],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 1, p.stderr[-3000:]
-    assert "DOES NOT FIT" in p.stdout and "verdict: does not fit" in p.stdout
+    assert "DOES NOT FIT" in p.stdout and "verdict: does not fit by" in p.stdout
     (report,) = json.loads((tmp_path / "r.json").read_text())
     train = report["steps"]["train"]
     assert not train["compiled"] and train["required_bytes"] > train["available_bytes"] == int(15.75 * GiB)

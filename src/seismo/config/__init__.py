@@ -195,6 +195,13 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     multihost: Literal["auto", "on", "off"] = "auto"
+    # multislice: how many slices (joined by DCN) each axis spans; the rest of it lies within a slice
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    # how the axes are laid onto the devices (seismo.train.mesh.build_mesh); config.yaml records
+    # what `auto` resolved to: physical, split (allow_split_physical_axes) or fallback (device order)
+    layout: Literal["auto", "physical", "split", "fallback"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -573,6 +580,10 @@ def validate(cfg: Config, origin: str = "config") -> None:
     for name, v in [("mesh.data", mesh.data), ("mesh.fsdp", mesh.fsdp), ("mesh.tensor", mesh.tensor)]:
         if v == 0 or v < -1:
             fail(f"{name} must be a positive size or -1 (inferred), got {v}")
+    for name, v, size in [("mesh.dcn_data", mesh.dcn_data, mesh.data), ("mesh.dcn_fsdp", mesh.dcn_fsdp, mesh.fsdp),
+                          ("mesh.dcn_tensor", mesh.dcn_tensor, mesh.tensor)]:
+        if v < 1 or (size != -1 and size % v):
+            fail(f"{name} ({v}) must be a positive number of slices that divides {name.replace('dcn_', '')} ({size})")
     if mesh.tensor > 1 and m.n_heads % mesh.tensor:
         fail(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({mesh.tensor})")
     if m.n_kv_heads is not None and not (1 <= m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0):

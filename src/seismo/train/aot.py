@@ -43,7 +43,9 @@ from seismo import config as config_lib
 from seismo import models
 from seismo.config import Config
 from seismo.train import engine as engine_lib
+from seismo.train import flops as flops_lib
 from seismo.train import mesh as mesh_lib
+from seismo.train.flops import model_flops_per_step  # noqa: F401 - the PaLM count, also seismo.train.aot's
 
 GiB = 1024**3
 
@@ -66,15 +68,21 @@ class Chip:
     chip_config: str | None  # chip_config_name that Cloud TPU VMs run with (jax's aot_test)
 
 
-# Figures per chip from Google Cloud's TPU system-architecture pages.
+def _bf16(device_kind: str) -> float:
+    peak = flops_lib.chip_peak(device_kind)
+    assert peak is not None, device_kind
+    return peak.bfloat16
+
+
+# Figures per chip from Google Cloud's TPU system-architecture pages (peaks: seismo.train.flops).
 CHIPS: dict[str, Chip] = {c.generation: c for c in [
-    Chip("v2", "TPU v2", 16 * GiB, 45e12, 2, True, 2, None),
-    Chip("v3", "TPU v3", 32 * GiB, 123e12, 2, True, 2, None),
-    Chip("v4", "TPU v4", 32 * GiB, 275e12, 2, True, 3, "megacore"),
-    Chip("v5e", "TPU v5 lite", 16 * GiB, 197e12, 1, False, 2, None),
-    Chip("v5p", "TPU v5", 96 * GiB, 459e12, 2, True, 3, "megachip_tccontrol"),  # docs: 95 GB; 95.74 GiB usable
-    Chip("v6e", "TPU v6 lite", 32 * GiB, 918e12, 1, False, 2, "megachip_tccontrol"),
-    Chip("tpu7x", "TPU7x", 192 * GiB, 2307e12, 2, None, 3, None),
+    Chip("v2", "TPU v2", 16 * GiB, _bf16("TPU v2"), 2, True, 2, None),
+    Chip("v3", "TPU v3", 32 * GiB, _bf16("TPU v3"), 2, True, 2, None),
+    Chip("v4", "TPU v4", 32 * GiB, _bf16("TPU v4"), 2, True, 3, "megacore"),
+    Chip("v5e", "TPU v5 lite", 16 * GiB, _bf16("TPU v5 lite"), 1, False, 2, None),
+    Chip("v5p", "TPU v5", 96 * GiB, _bf16("TPU v5"), 2, True, 3, "megachip_tccontrol"),  # docs: 95 GB; 95.74 GiB usable
+    Chip("v6e", "TPU v6 lite", 32 * GiB, _bf16("TPU v6 lite"), 1, False, 2, "megachip_tccontrol"),
+    Chip("tpu7x", "TPU7x", 192 * GiB, _bf16("TPU7x"), 2, None, 3, None),
 ]}
 # Other spellings of a generation (Cloud accelerator types, libtpu's own names).
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e", "v7x": "tpu7x", "tpu7": "tpu7x"}
@@ -438,69 +446,136 @@ def compile_one(fn: Any, args: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
-def model_flops_per_step(cfg: Config, params_shape: Any) -> float:
-    """Training FLOPs of one step by the PaLM count (Chowdhery et al. 2022, arXiv 2204.02311,
-    appendix B): 6 N per token for the N parameters of matrix multiplies (embedding lookups
-    excluded, the head included) plus 12 L H Q T per token for attention."""
-    m = cfg.model
-    groups = models.param_groups(params_shape)
-    n = sum(math.prod(p.shape) for p, g in zip(jax.tree.leaves(params_shape), jax.tree.leaves(groups))
-            if g == "kernel")
-    if m.tie_embeddings:
-        n += m.vocab_size * m.d_model
-    tokens = cfg.data.batch_size * cfg.data.seq_len
-    return float(6 * n * tokens + 12 * m.n_layers * m.n_heads * m.resolved_head_dim * cfg.data.seq_len * tokens)
-
-
 LOOP_NOTE = ("XLA's cost analysis counts the body of a loop once; here some loop's trip count is unknown "
              "(or the compiled module could not be re-read), so the compiled FLOPs count its body once; "
              "model_flops_per_step is the full count")
 
 
 def verdict(step: Mapping[str, Any], hbm_bytes: int | None) -> str:
-    """'fits': compiled and `peak_bytes` within `hbm_bytes`; 'tight': the compiler accepted it
-    (its own liveness-aware check passed) but the plain sum `peak_bytes` is over; 'does not fit':
-    the compiler ran out of HBM."""
+    """'fits' when the step compiled and `peak_bytes` (arguments + outputs - donated +
+    temporaries + code) is within `hbm_bytes`; 'does not fit' when the compiler ran out of
+    memory, or when it accepted the program but those buffers add up to more than
+    `hbm_bytes` (counted as not fitting: the sum is the figure the report can stand behind).
+    With no memory limit known, compiling is fitting."""
     if not step.get("compiled"):
         return "does not fit"
     if hbm_bytes and step["peak_bytes"] > hbm_bytes:
-        return "tight"
+        return "does not fit"
     return "fits"
 
 
+def _judge(rep: dict[str, Any], hbm_bytes: int | None) -> None:
+    """`verdict` and the margin of one step: `headroom_bytes` (HBM left, negative when over)
+    and `hbm_fraction` for a compiled step; `over_bytes` when it does not fit."""
+    if rep.get("compiled") and hbm_bytes:
+        rep["hbm_fraction"] = rep["peak_bytes"] / hbm_bytes
+        rep["headroom_bytes"] = hbm_bytes - rep["peak_bytes"]
+    rep["verdict"] = verdict(rep, hbm_bytes)
+    if rep["verdict"] == "does not fit":
+        if rep.get("compiled"):
+            rep["over_bytes"] = rep["peak_bytes"] - hbm_bytes
+        elif rep.get("required_bytes") is not None and rep.get("available_bytes") is not None:
+            rep["over_bytes"] = rep["required_bytes"] - rep["available_bytes"]
+
+
+def overall_verdict(report: Mapping[str, Any]) -> str:
+    """One sentence: 'fits with X% headroom (...)' or 'does not fit by Y GiB (...)', from the
+    step with the least room."""
+    hbm = report.get("hbm_bytes_per_device")
+    steps = report["steps"]
+    bad = {n: r for n, r in steps.items() if r["verdict"] != "fits"}
+    if bad:
+        name, worst = max(bad.items(), key=lambda kv: kv[1].get("over_bytes") or 0)
+        over = worst.get("over_bytes")
+        if over is None:
+            return f"does not fit (the {name} step: the compiler ran out of memory: {worst.get('error', '?')})"
+        how = ("the compiler ran out of memory" if not worst.get("compiled") else
+               "the compiler accepted it, but its buffers add up to more than the usable memory")
+        return f"does not fit by {_bytes(over)} per device (the {name} step; {how})"
+    if not hbm:
+        return "fits (compiled; no memory limit known for these devices)"
+    name, tightest = min(steps.items(), key=lambda kv: kv[1]["headroom_bytes"])
+    return (f"fits with {100 * tightest['headroom_bytes'] / hbm:.1f}% headroom ({_bytes(tightest['headroom_bytes'])} "
+            f"of {_bytes(hbm)} per device free in the {name} step)")
+
+
+DEFAULT_MFU = 0.4  # the utilisation at which `seismo compile` states a step time
+
+
 def compile_for_devices(cfg: Config, devices: Sequence[jax.Device], *, hbm_bytes_per_device: int | None = None,
-                        peak_flops_per_device: float | None = None, probes: bool | None = None) -> dict[str, Any]:
+                        peak_flops_per_device: float | None = None, probes: bool | None = None,
+                        mfu: float = DEFAULT_MFU) -> dict[str, Any]:
     """Compile the train step (and the probe step) of `cfg` for `devices`; a report dict
     (see `compile_for_topology`). Works for any platform; `hbm_bytes_per_device` is the
-    memory limit the verdicts use."""
-    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    memory limit the verdicts use, `peak_flops_per_device` the rate the step times use."""
+    mesh, layout = mesh_lib.build_mesh(cfg.mesh, devices)
     engine = engine_lib.build(cfg, mesh, probes=probes)
     steps = {name: compile_one(fn, args) for name, (fn, args) in engine.lowerable().items()}
     for rep in steps.values():
-        if hbm_bytes_per_device and rep.get("compiled"):
-            rep["hbm_fraction"] = rep["peak_bytes"] / hbm_bytes_per_device
-        rep["verdict"] = verdict(rep, hbm_bytes_per_device)
-    model_flops = model_flops_per_step(cfg, engine.params_shape)
+        _judge(rep, hbm_bytes_per_device)
+    model_flops = flops_lib.model_flops_per_step(cfg, engine.params_shape)
     d0 = devices[0]
-    return {
+    peak_all = peak_flops_per_device * len(devices) if peak_flops_per_device else None
+    report = {
         "platform": d0.platform,
         "device_kind": d0.device_kind,
         "n_devices": len(devices),
         "n_hosts": len({d.process_index for d in devices}),
         "mesh": dict(mesh.shape),
+        "mesh_layout": layout.layout,
+        "mesh_dcn": list(layout.dcn),
+        "mesh_note": layout.note,
         "hbm_bytes_per_device": hbm_bytes_per_device,
         "params": models.param_count(engine.params_shape),
         "global_batch": cfg.data.batch_size,
         "seq_len": cfg.data.seq_len,
         "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
         "model_flops_per_step": model_flops,
-        # perfect split over the devices at the peak bf16 rate: a lower bound on the step time
-        "step_s_at_peak": model_flops / len(devices) / peak_flops_per_device if peak_flops_per_device else None,
+        "peak_flops_per_device": peak_flops_per_device,
+        # perfect split over the devices at the peak rate: a lower bound on the step time
+        "step_s_at_peak": model_flops / peak_all if peak_all else None,
+        "mfu_assumed": mfu,
+        "step_s_at_mfu": model_flops / (peak_all * mfu) if peak_all else None,
+        "tokens_per_s_at_mfu": cfg.data.batch_size * cfg.data.seq_len * peak_all * mfu / model_flops if peak_all else None,
         "flops_note": LOOP_NOTE if any(r.get("compiled") and (not r.get("loops_counted") or r.get("unknown_trips"))
                                        for r in steps.values()) else None,
         "steps": steps,
         "fits": all(r["verdict"] == "fits" for r in steps.values()),
     }
+    report["verdict"] = overall_verdict(report)
+    return report
+
+
+def host_memory_bytes(device: jax.Device, n_local: int) -> int | None:
+    """The memory one local device may use: its allocator's limit (GPUs, TPUs), or on a CPU the
+    machine's physical memory shared by its `n_local` devices; None when neither is known."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(n_local, 1)
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def compile_for_host(cfg: Config, *, mesh: Mapping[str, int] | None = None, probes: bool | None = None,
+                     peak_flops: float | None = None, mfu: float = DEFAULT_MFU) -> dict[str, Any]:
+    """Compile the real train step of `cfg` for this machine's own devices (`jax.devices()`:
+    a CPU, its GPUs, a TPU VM's chips), judged against their memory (`host_memory_bytes`) and
+    their peak (seismo.train.flops; `peak_flops` or run.peak_flops overrides it)."""
+    if mesh:
+        cfg = config_lib.with_overrides(cfg, [f"mesh.{k}={v}" for k, v in mesh.items()])
+    devices = jax.devices()
+    peak = flops_lib.peak_flops_per_device(devices[0], cfg.model.dtype, peak_flops or cfg.run.peak_flops)
+    report = compile_for_devices(cfg, devices, hbm_bytes_per_device=host_memory_bytes(devices[0], jax.local_device_count()),
+                                 peak_flops_per_device=peak, probes=probes, mfu=mfu)
+    return {"topology": "host", "num_slices": 1, "n_chips": len(devices), "hbm_nominal_bytes_per_device": None,
+            **report}
 
 
 def usable_hbm_bytes(device: jax.Device) -> int | None:
@@ -518,19 +593,21 @@ def usable_hbm_bytes(device: jax.Device) -> int | None:
 
 
 def compile_for_topology(cfg: Config, topology: str, *, mesh: Mapping[str, int] | None = None,
-                         chip_config: str | None = None, num_slices: int = 1,
-                         probes: bool | None = None) -> dict[str, Any]:
+                         chip_config: str | None = None, num_slices: int = 1, probes: bool | None = None,
+                         peak_flops: float | None = None, mfu: float = DEFAULT_MFU) -> dict[str, Any]:
     """Compile the real train step of `cfg` for a TPU slice named `topology` ('v5e:2x2',
     'v4-8', ...) without a TPU. `mesh` overrides mesh.data/fsdp/tensor, e.g. {'fsdp': 4}.
 
     The report: topology, device_kind, n_devices, n_hosts, mesh sizes, HBM per device (the
     compiler's usable figure, and the published one), params, tokens per step, the PaLM
-    model-FLOPs estimate and the step time it takes at peak bf16 FLOP/s (a lower bound); per
-    compiled step ('train', and 'probe' when run.probe_every > 0) the per-device bytes
-    (argument/output/alias/temp/code and their sum `peak_bytes`), XLA's FLOPs and bytes
-    accessed, the fraction of HBM, compile seconds and a `verdict` ('fits', 'tight' or 'does
-    not fit', see `verdict`); when the compiler ran out of HBM, compiled=False with its numbers.
-    `fits` is True when every step's verdict is 'fits'."""
+    model-FLOPs count, the step time it takes at the peak rate (a lower bound) and at `mfu`
+    (`step_s_at_mfu`, `tokens_per_s_at_mfu`); the mesh layout used (`mesh_layout`, `mesh_dcn`,
+    `mesh_note` for a fallback); per compiled step ('train', and 'probe' when
+    run.probe_every > 0) the per-device bytes (argument/output/alias/temp/code and their sum
+    `peak_bytes`), XLA's FLOPs and bytes accessed, the fraction of HBM and the `headroom_bytes`,
+    compile seconds and a `verdict` ('fits' or 'does not fit', see `verdict`; `over_bytes` by
+    how much); when the compiler ran out of HBM, compiled=False with its numbers. `fits` is True
+    when every step fits; `verdict` (the report's) is the sentence of `overall_verdict`."""
     topo = parse_topology(topology)
     if mesh:
         cfg = config_lib.with_overrides(cfg, [f"mesh.{k}={v}" for k, v in mesh.items()])
@@ -539,8 +616,10 @@ def compile_for_topology(cfg: Config, topology: str, *, mesh: Mapping[str, int] 
     per_chip = 1 + max(getattr(d, "core_on_chip", 0) for d in devices)  # devices sharing one chip
     nominal = chip.hbm_bytes // per_chip
     usable = usable_hbm_bytes(devices[0])
+    peak = flops_lib.peak_flops_per_device(devices[0], cfg.model.dtype, peak_flops or cfg.run.peak_flops,
+                                           devices_per_chip=per_chip)
     report = compile_for_devices(cfg, devices, hbm_bytes_per_device=usable or nominal,
-                                 peak_flops_per_device=chip.peak_bf16_flops / per_chip, probes=probes)
+                                 peak_flops_per_device=peak, probes=probes, mfu=mfu)
     return {"topology": topo.topology_name, "num_slices": num_slices, "n_chips": topo.n_chips * num_slices,
             "hbm_nominal_bytes_per_device": nominal, **report}
 
@@ -562,31 +641,40 @@ def _num(x: float | None) -> str:
 
 
 def format_report(report: Mapping[str, Any]) -> str:
-    """A few lines a person reads: the slice, the mesh, and per step memory and FLOPs."""
+    """A few lines a person reads: the slice, the mesh, per step memory and FLOPs, the step time
+    at the stated MFU, and the verdict."""
     mesh = " x ".join(f"{k}={v}" for k, v in report["mesh"].items())
+    layout = report.get("mesh_layout")
+    if layout:
+        dcn = report.get("mesh_dcn") or [1, 1, 1]
+        mesh += f" ({layout} layout" + (f", slices per axis {'x'.join(map(str, dcn))})" if math.prod(dcn) > 1 else ")")
     head = report.get("topology", report["platform"])
     if report.get("num_slices", 1) > 1:
         head = f"{report['num_slices']} slices x {head}"
+    mem_word = "HBM" if report["platform"] == "tpu" else "memory"
     lines = [
         f"{head}: {report['n_devices']} x {report['device_kind']} on {report['n_hosts']} host(s); "
-        f"mesh {mesh}; HBM/device {_bytes(report.get('hbm_bytes_per_device'))} usable",
+        f"mesh {mesh}; {mem_word}/device {_bytes(report.get('hbm_bytes_per_device'))} usable",
         f"  model {report['params'] / 1e6:.2f}M params; batch {report['global_batch']} x {report['seq_len']} "
-        f"= {report['tokens_per_step']} tokens/step; model FLOPs/step {_num(report['model_flops_per_step'])}"
-        + (f" (>= {report['step_s_at_peak'] * 1e3:.3g} ms/step at peak bf16)" if report.get("step_s_at_peak") else ""),
+        f"= {report['tokens_per_step']} tokens/step; model FLOPs/step {_num(report['model_flops_per_step'])}",
     ]
+    if report.get("step_s_at_mfu"):
+        lines.append(f"  step time at {100 * report['mfu_assumed']:.3g}% MFU: {report['step_s_at_mfu'] * 1e3:.3g} ms "
+                     f"({_num(report['tokens_per_s_at_mfu'])} tokens/s; peak {_num(report['peak_flops_per_device'])} "
+                     f"FLOP/s per device; >= {report['step_s_at_peak'] * 1e3:.3g} ms at 100%)")
+    else:
+        lines.append("  step time: no peak FLOP/s known for this device (give one with --peak-flops or run.peak_flops)")
+    if report.get("mesh_note"):
+        lines.append(f"  warning: {report['mesh_note']}")
     for name, r in report["steps"].items():
         if not r.get("compiled"):
             lines.append(f"  {name:5s}: DOES NOT FIT: needs {_bytes(r.get('required_bytes'))} of "
                          f"{_bytes(r.get('available_bytes'))} available ({r.get('required_for', r.get('error'))})")
             continue
-        frac = f" ({100 * r['hbm_fraction']:.3g}% of HBM)" if r.get("hbm_fraction") is not None else ""
+        frac = f" ({100 * r['hbm_fraction']:.3g}% of {mem_word})" if r.get("hbm_fraction") is not None else ""
         lines.append(
             f"  {name:5s}: peak {_bytes(r['peak_bytes'])}{frac} = args {_bytes(r['argument_bytes'])} + out "
             f"{_bytes(r['output_bytes'])} - donated {_bytes(r['alias_bytes'])} + temp {_bytes(r['temp_bytes'])} "
             f"+ code {_bytes(r['code_bytes'])}; XLA FLOPs/device {_num(r['flops'])}; compiled in {r['compile_s']:.1f}s")
-    verdicts = {r["verdict"] for r in report["steps"].values()}
-    overall = next(v for v in ("does not fit", "tight", "fits") if v in verdicts or v == "fits")
-    lines.append(f"  verdict: {overall}" + (
-        " (the compiler accepted it, but arguments + temporaries add up to more than the usable HBM: "
-        "confirm on hardware or leave headroom)" if overall == "tight" else ""))
+    lines.append(f"  verdict: {report.get('verdict') or overall_verdict(report)}")
     return "\n".join(lines)

@@ -296,7 +296,8 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
             engine_lib.check_config(c)
         mesh_lib.maybe_initialize_distributed(cfgs[0].mesh)
         writer_host = jax.process_index() == 0
-        mesh = mesh_lib.make_mesh(cfgs[0].mesh)  # mesh, memory and data are checked before anything is written
+        mesh, layout = mesh_lib.build_mesh(cfgs[0].mesh)  # mesh, memory and data are checked before anything is written
+        cfgs = [c.replace(mesh=layout.resolve(c.mesh)) for c in cfgs]  # config.yaml records the layout used
         engine = engine_lib.build(cfgs[0], mesh, points=cfgs if vmapped else None, probe=probe)
         engine_lib.check_memory(engine)
         cfgs = list(engine.cfgs)  # with what `auto` resolved to (model.attention_impl), as config.yaml records
@@ -319,6 +320,8 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
             for r, notice in zip(runs, notices):
                 if notice:
                     r.warn(step, notice)
+                if layout.note:  # a mesh in device order is never silent
+                    r.warn(step, layout.note)
             _run_steps(engine, feed, runs, state, step, record, stop, stop_at)
             results = _finish(runs)
         except Exception as e:

@@ -35,7 +35,8 @@ LOCK_FILE = ".seismo.lock"
 CADENCE_KEYS = frozenset({
     "run.log_every", "run.eval_every", "run.probe_every", "run.progress", "run.logit_warning_threshold",
     "run.checkpoint_every", "run.checkpoint_log_until", "run.checkpoint_async",
-    "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.multihost",
+    "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.multihost", "mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_tensor",
+    "mesh.layout", "run.profile_steps", "run.peak_flops",
     # how the same numbers are computed: attention kernels, rematerialisation, loss chunks
     "model.attention_impl", "model.attention_block", "model.remat", "loss.chunk",
 })
