@@ -20,6 +20,7 @@ examples:
   seismo train configs/tiny.yaml
   seismo train configs/tiny.yaml --set optimizer.lr=3e-3 --set model.qk_norm=true
   seismo train configs/tiny.yaml --set model=proxy_256 --run-dir runs/proxy
+  seismo train configs/tiny.yaml --import my_activations --set model.activation=softsign
 
 The run directory holds config.yaml (resolved), metrics.jsonl (one JSON row per logged
 step), status.json and checkpoints/. Starting again on the same directory resumes from
@@ -88,6 +89,16 @@ def _analysis_names() -> tuple[str, ...]:
     return GROUPS.ordered()
 
 
+def add_import_flag(parser: argparse.ArgumentParser) -> None:
+    """`--import MODULE` (repeatable) on a sub-command: the user's modules, imported before the
+    config is read, so what they register (an activation, a data source) can be named in it.
+    `main` imports them for every sub-command that has the flag; one line adds it to another."""
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a module of your own first, for what it registers (an activation, "
+                             "a data source): a dotted name on the Python path or in the current "
+                             "directory, or a file.py (repeatable); run.plugins in a config does the same")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seismo",
@@ -106,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the run is written (default: runs/<config name>); an existing run resumes")
     t.add_argument("--restart", action="store_true",
                    help="start over: move an existing run directory aside (<dir>.aside-<time>, never deleted)")
+    add_import_flag(t)
 
     s = sub.add_parser("sweep", help="run a grid of training runs from a sweep file",
                        description="Run every point of a sweep file's grid; finished points are skipped "
@@ -117,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--execution", choices=["sequential", "parallel", "vmap"], default=None,
                    help="override the sweep file's execution mode")
     s.add_argument("--workers", type=int, default=None, help="processes for --execution parallel")
+    add_import_flag(s)
 
     a = sub.add_parser("analyze", help="analyse every saved checkpoint of a run",
                        description="Heavy statistics over every checkpoint on the fixed evaluation set "
@@ -126,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--probes", nargs="*", default=None, metavar="NAME",
                    help="analyses to run, of: " + ", ".join(_analysis_names()) + " (default: all)")
     a.add_argument("--eval-sequences", type=int, default=None, help="evaluation sequences (default: 16)")
+    add_import_flag(a)
 
     r = sub.add_parser("report", help="figures and report.md for a run or a sweep",
                        description="Write figures/*.png and report.md for a run directory or a sweep directory.")
@@ -168,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
 
         stop.install_early()
     args = _parser().parse_args(argv)
+    from seismo import config as config_lib
     from seismo.config import ConfigError
     from seismo.data import DataError
     from seismo.registry import UnknownNameError
 
     try:
+        config_lib.import_plugins(getattr(args, "imports", ()), where="--import")  # before any config is read
         return _dispatch(args)
     except (ConfigError, DataError, UnknownNameError, FileNotFoundError) as e:
         return _fail(args.command, str(e))
@@ -205,7 +221,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from seismo.sweep.runner import run_sweep
 
         out = run_sweep(args.sweep, out=args.out, overrides=args.overrides,
-                        execution=args.execution, workers=args.workers)
+                        execution=args.execution, workers=args.workers, imports=args.imports)
         print(f"sweep written to {out}")
         return 0
     if args.command == "analyze":

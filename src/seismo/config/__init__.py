@@ -9,6 +9,8 @@ A config is a tree of frozen dataclasses (`Config` with sections `model`, `loss`
   (`model: tiny` reads `configs/models/tiny.yaml`), and a mapping may carry
   `preset: tiny` plus keys that change it.
 * overrides `a.b=c` (values parsed as YAML scalars: `1e-3`, `true`, `[1, 2]`).
+* `run.plugins`: the user's modules (`import_plugins`), imported as the config is built, so
+  what they register (an activation, a data source) exists before any name is checked.
 
 Unknown keys fail naming the full key path and the nearest valid name; wrong types name
 the key, the expected type and the value; inconsistent combinations fail with a sentence
@@ -18,10 +20,15 @@ that says what to change. All of it happens in `load`/`from_dict`, before any JA
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.resources
+import importlib.util
 import math
 import os
+import sys
+import types
 import typing
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +192,9 @@ class RunConfig:
     checkpoint_async: bool = True
     progress: Literal["auto", "on", "off"] = "auto"
     logit_warning_threshold: float = 1e4  # max attention logit predicted to cross -> warning
+    # the user's modules imported before validation (their activations, data sources, ...):
+    # dotted names on the Python path or in the current directory, or files ending in .py
+    plugins: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -275,8 +285,76 @@ def from_dict(raw: Mapping[str, Any], origin: str = "config") -> Config:
             raise ConfigError(f"{origin}: {key!r} must be a mapping of settings, got {value!r}")
         sections[key] = _build(SECTIONS[key], value, prefix=key, origin=origin)
     cfg = Config(**sections)
+    import_plugins(cfg.run.plugins, where=f"{origin}: run.plugins")  # registrations before any name is checked
     validate(cfg, origin=origin)
     return cfg
+
+
+def import_plugins(names: Iterable[str], where: str = "--import") -> list[types.ModuleType]:
+    """Import the user's modules, whose registrations (an activation, a data source, a probe)
+    must exist before a config naming them is checked: `run.plugins` in a config, `--import`
+    on the command line. Each name is a dotted module name, looked up on the Python path and
+    then in the current directory (what `python -m` would find), or a file ending in `.py`
+    (relative to the current directory). Importing again is free (one module per name or
+    file). A module that cannot be imported, or that fails while importing, is a ConfigError
+    naming it and the reason."""
+    modules = []
+    for name in names:
+        name = str(name).strip()
+        try:
+            modules.append(_import_plugin(name))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        except ModuleNotFoundError as e:
+            if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+                raise ConfigError(f"{where}: no module named {name!r} (looked on the Python path and in the "
+                                  f"current directory {os.getcwd()}); give a module name or a path to a .py file") from None
+            raise ConfigError(f"{where}: importing {name!r} failed: {e}") from None
+        except Exception as e:  # the user's module raised while it ran: say which and why, in one line
+            raise ConfigError(f"{where}: importing {name!r} failed: {type(e).__name__}: {e}") from None
+    return modules
+
+
+def _import_plugin(name: str) -> types.ModuleType:
+    if not name:
+        raise ConfigError("an empty module name cannot be imported; give a module name or a path to a .py file")
+    if name.endswith(".py") or os.sep in name or "/" in name:
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"no file {name!r} (looked for {path})")
+        loaded = _loaded_from(path)
+        if loaded is not None:
+            return loaded
+        key = f"seismo_plugin_{path.stem}_{zlib.crc32(str(path).encode()):08x}"
+        spec = importlib.util.spec_from_file_location(key, path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"{name!r} cannot be loaded as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+        return module
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)  # after everything installed: a local file never shadows a package
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        loaded = _loaded_from(Path(spec.origin).resolve()) if spec is not None and spec.origin else None
+        if loaded is not None:  # that file was imported by its path already: the same module, not a second one
+            sys.modules[name] = loaded
+    return importlib.import_module(name)
+
+
+def _loaded_from(path: Path) -> types.ModuleType | None:
+    """The module already imported from the file `path`, if any."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and os.path.basename(file) == path.name and Path(file).resolve() == path:
+            return module
+    return None
 
 
 def to_dict(obj: Any) -> Any:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from seismo import rundir
-from seismo.config import ConfigError
+from seismo.config import ConfigError, import_plugins
 from seismo.config.sweepfile import (
     Point,
     SweepError,
@@ -42,8 +42,11 @@ def is_done(path: Path) -> bool:
 
 
 def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
-              execution: str | None = None, workers: int | None = None) -> Path:
-    """Run (or resume) the sweep in `path`; returns the sweep directory."""
+              execution: str | None = None, workers: int | None = None, imports: Sequence[str] = ()) -> Path:
+    """Run (or resume) the sweep in `path`; returns the sweep directory. `imports` are the
+    user's modules (`--import`): imported here first, and by every worker process."""
+    import_plugins(imports, where="--import")  # before any point's config is read
+    imports = [_portable(m) for m in imports]
     spec = load_sweep_spec(path, overrides, execution=execution, workers=workers)
     points = expand(spec)  # every point's config is validated here, before anything trains
     sweep_dir = Path(out) if out is not None else Path("runs") / spec.name
@@ -57,7 +60,7 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     if spec.execution == "vmap":
         complete = _run_vmapped(todo, sweep_dir)
     elif spec.execution == "parallel":
-        complete = _run_parallel(todo, sweep_dir, spec.workers or os.cpu_count() or 1)
+        complete = _run_parallel(todo, sweep_dir, spec.workers or os.cpu_count() or 1, imports)
     else:
         complete = _run_sequential(todo, sweep_dir)
     if not complete:
@@ -139,14 +142,34 @@ def _run_vmapped(points: Sequence[Point], sweep_dir: Path) -> bool:
     return True
 
 
-def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int) -> bool:
+def _portable(module: str) -> str:
+    """A `--import` as a worker process finds it: a .py file by its absolute path."""
+    return str(Path(module).expanduser().resolve()) if module.endswith(".py") or "/" in module else module
+
+
+def _import_root(module: str) -> str | None:
+    """The folder on the Python path that an imported module name was found in (None for a file)."""
+    found = sys.modules.get(module)
+    if module.endswith(".py") or found is None or not getattr(found, "__file__", None):
+        return None
+    path = Path(found.__file__).resolve()
+    depth = module.count(".") + (1 if path.name == "__init__.py" else 0)
+    return str(path.parents[depth])
+
+
+def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int, imports: Sequence[str] = ()) -> bool:
     """Each point in its own `seismo train` process; at most `workers` at once. Each process
-    runs single-threaded XLA when there are no more cores than workers, so they do not fight."""
+    runs single-threaded XLA when there are no more cores than workers, so they do not fight.
+    Each imports the sweep's `--import` modules (and its config's run.plugins) before it reads
+    its config; the vmapped and sequential modes train in this process, which has them."""
     from seismo import config as config_lib
 
     queue = list(points)
     running: list[tuple[Point, subprocess.Popen]] = []
     env = dict(os.environ)
+    roots = [r for r in map(_import_root, imports) if r is not None]
+    if roots:  # a module this process found on a path it was given (a notebook's sys.path) is found there too
+        env["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [env.get("PYTHONPATH")])])
     if (os.cpu_count() or 1) <= workers:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     failed = []
@@ -158,6 +181,7 @@ def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int) -> boo
             config_lib.dump(p.config, d / rundir.CONFIG_FILE)
             log = (d / "train.log").open("a")
             cmd = [sys.executable, "-m", "seismo.cli", "train", str(d / rundir.CONFIG_FILE), "--run-dir", str(d)]
+            cmd += [arg for m in imports for arg in ("--import", m)]
             running.append((p, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
             print(f"started {p.name}", flush=True)
         time.sleep(0.5)
