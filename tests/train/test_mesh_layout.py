@@ -59,7 +59,7 @@ def is_block(devs):
     """Whether devices occupy a whole sub-grid of their slice (the product of the coordinate
     values they use along each physical axis is their number): a ring or rectangle on the torus."""
     coords = np.array([d.coords for d in devs])
-    return int(np.prod([len(set(c)) for c in coords.T])) == len(devs) and len({d.slice_index for d in devs}) == 1
+    return int(np.prod([len(set(c)) for c in coords.T])) == len(devs) and len({getattr(d, "slice_index", None) for d in devs}) == 1
 
 
 def cfg(data, fsdp, tensor, **kw):

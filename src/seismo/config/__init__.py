@@ -192,6 +192,8 @@ class RunConfig:
     checkpoint_async: bool = True
     progress: Literal["auto", "on", "off"] = "auto"
     logit_warning_threshold: float = 1e4  # max attention logit predicted to cross -> warning
+    profile_steps: Sequence[int] = ()  # [a, b]: a jax.profiler trace of steps a..b in <run_dir>/profile
+    peak_flops: float | None = None  # peak FLOP/s per device for `mfu` (None: seismo.train.flops' table)
     # the user's modules imported before validation (their activations, data sources, ...):
     # dotted names on the Python path or in the current directory, or files ending in .py
     plugins: Sequence[str] = ()
@@ -662,6 +664,11 @@ def validate(cfg: Config, origin: str = "config") -> None:
                           ("mesh.dcn_tensor", mesh.dcn_tensor, mesh.tensor)]:
         if v < 1 or (size != -1 and size % v):
             fail(f"{name} ({v}) must be a positive number of slices that divides {name.replace('dcn_', '')} ({size})")
+    if r.profile_steps and not (len(r.profile_steps) == 2 and 1 <= r.profile_steps[0] <= r.profile_steps[1]):
+        fail(f"run.profile_steps must be [first, last] with 1 <= first <= last (steps to trace), got "
+             f"{list(r.profile_steps)}")
+    if r.peak_flops is not None and r.peak_flops <= 0:
+        fail(f"run.peak_flops must be a positive FLOP/s per device (e.g. 1.97e14 for a v5e chip), got {r.peak_flops}")
     if mesh.tensor > 1 and m.n_heads % mesh.tensor:
         fail(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({mesh.tensor})")
     if m.n_kv_heads is not None and not (1 <= m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0):

@@ -44,10 +44,12 @@ from seismo.instrument.probes import ProbeFactory, StepProbe
 from seismo.rundir import row_kind
 from seismo.train import checkpoint as ckpt_lib
 from seismo.train import engine as engine_lib
+from seismo.train import flops as flops_lib
 from seismo.train import mesh as mesh_lib
 from seismo.train import ownership
 from seismo.train.engine import Engine
 from seismo.train.metrics import MetricsWriter, Progress
+from seismo.train.profile import PROFILE_DIR, StepProfiler
 from seismo.train.step import TrainState, padded_chunks
 from seismo.train.stop import StopFlag
 
@@ -184,6 +186,9 @@ class Recorder:
         self.engine, self.runs, self.progress = engine, runs, progress
         cfg = engine.cfg
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        # mfu (seismo.train.flops): one point's PaLM model FLOPs over the whole mesh's peak
+        self.flops_per_step = flops_lib.model_flops_per_step(cfg, engine.params_shape)
+        self.peak_flops = flops_lib.peak_flops_per_device(jax.devices()[0], cfg.model.dtype, cfg.run.peak_flops)
         self.t_last, self.step_last = time.perf_counter(), step
         self.window = max(1, min(cfg.run.log_every, FETCH_WINDOW))
         self.pending: list[tuple[int, dict[str, jax.Array], dict[str, jax.Array] | None]] = []
@@ -240,7 +245,8 @@ class Recorder:
             now = time.perf_counter()
             dt = (now - self.t_last) / max(step - self.step_last, 1)
             timing = {"tokens": step * self.tokens_per_step, "step_time_s": dt,
-                      "tokens_per_s": self.tokens_per_step / dt if dt > 0 else None}
+                      "tokens_per_s": self.tokens_per_step / dt if dt > 0 else None,
+                      "mfu": flops_lib.mfu(self.flops_per_step, dt, self.engine.mesh.size, self.peak_flops)}
             self.t_last, self.step_last = now, step
         for i, run in enumerate(self.runs):
             if run.active:
@@ -437,14 +443,17 @@ def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: Trai
     schedule = ckpt_lib.CheckpointSchedule(cfg.run)
     desc = "train" if not engine.vmapped else f"vmapped x{engine.n_points}"
     rec = Recorder(engine, runs, Progress(cfg.run.steps, step, cfg.run.progress, desc=desc), step)
+    profiler = StepProfiler(cfg.run.profile_steps, runs[0].run_dir / PROFILE_DIR)  # run.profile_steps: [a, b]
     active = lambda: any(r.active for r in runs)
     for r in runs:
         r.writer.status("running", step)
     try:
         while step < cfg.run.steps and active():
             probing = engine.probe_step is not None and _probe_due(cfg, step + 1)
+            profiler.before(step + 1)
             out = (engine.probe_step if probing else engine.train_step)(state, feed.batch(step))
             state, step = out[0], step + 1
+            profiler.after(step, state)
             rec.add(step, out[1], out[2] if probing else None)
             if rec.due():  # the earlier steps' numbers, fetched while this one runs
                 rec.flush(keep=1)
@@ -474,4 +483,5 @@ def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: Trai
                 break
         rec.flush()
     finally:
+        profiler.close()
         rec.progress.close()
