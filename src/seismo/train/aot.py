@@ -636,6 +636,13 @@ def _bytes(n: float | None) -> str:
     return f"{int(n)} B"
 
 
+def _seconds(x: float) -> str:
+    for unit, size in (("s", 1.0), ("ms", 1e-3)):
+        if x >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x * 1e6:.3g} µs"
+
+
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
@@ -659,9 +666,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"= {report['tokens_per_step']} tokens/step; model FLOPs/step {_num(report['model_flops_per_step'])}",
     ]
     if report.get("step_s_at_mfu"):
-        lines.append(f"  step time at {100 * report['mfu_assumed']:.3g}% MFU: {report['step_s_at_mfu'] * 1e3:.3g} ms "
+        lines.append(f"  step time at {100 * report['mfu_assumed']:.3g}% MFU: {_seconds(report['step_s_at_mfu'])} "
                      f"({_num(report['tokens_per_s_at_mfu'])} tokens/s; peak {_num(report['peak_flops_per_device'])} "
-                     f"FLOP/s per device; >= {report['step_s_at_peak'] * 1e3:.3g} ms at 100%)")
+                     f"FLOP/s per device; >= {_seconds(report['step_s_at_peak'])} at 100%)")
     else:
         lines.append("  step time: no peak FLOP/s known for this device (give one with --peak-flops or run.peak_flops)")
     if report.get("mesh_note"):
