@@ -173,6 +173,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="also compile the instrumented step even if run.probe_every is 0")
     probe.add_argument("--no-probe", dest="probes", action="store_false", help="compile only the plain train step")
     c.add_argument("--json", default=None, metavar="PATH", help="also write the reports as JSON")
+
+    k = sub.add_parser("config", help="print the resolved config and its parameter count, then exit",
+                       description="Resolve a config as `seismo train` does (base files, presets, --set overrides, "
+                                   "validation, registered names) and print it as the YAML that config.yaml would "
+                                   "record (model.attention_impl: auto as it resolves on this machine), then the "
+                                   "parameter count as a YAML comment. Nothing is trained or written.")
+    k.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
+    k.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model=proxy_256 (repeatable)")
+    add_import_flag(k)
     return p
 
 
@@ -242,7 +252,29 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "compile":
         return _compile(args)
+    if args.command == "config":
+        return _config(args)
     raise AssertionError(args.command)
+
+
+def _config(args: argparse.Namespace) -> int:
+    """`seismo config`: the resolved config (as config.yaml records it) and the parameter count."""
+    import yaml
+
+    from seismo import config as config_lib
+    from seismo import models
+    from seismo.train import mesh as mesh_lib
+    from seismo.train.engine import check_config
+
+    cfg = config_lib.load(args.config, args.overrides)  # ConfigError: one line, exit 2
+    check_config(cfg)  # registered names and the trackers' packages, as `seismo train` checks them
+    _, layout = mesh_lib.build_mesh(cfg.mesh)  # the mesh on this machine's devices, as `seismo train` lays it out
+    # what `auto` becomes here (attention kernel, mesh layout), as config.yaml records it
+    cfg = models.resolve_attention(cfg.replace(mesh=layout.resolve(cfg.mesh)))
+    print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), end="")
+    n, body = models.param_count(cfg.model), models.param_count(cfg.model, non_embedding=True)
+    print(f"# parameters: {n:,} ({body:,} non-embedding: without the token embedding, learned positions and head)")
+    return 0
 
 
 def _compile(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@
     <run dir>/checkpoints/      Orbax checkpoints (seismo.train.checkpoint)
     <run dir>/analysis/         tables of the checkpoint analysis (seismo.analysis.checkpoints)
     <run dir>/figures/          figures drawn by `seismo report`
+    <run dir>/tensorboard/      TensorBoard event files (run.trackers: [tensorboard])
+    <run dir>/wandb/            the Weights & Biases run, offline by default (run.trackers: [wandb])
 
 A sweep directory keeps its spec as `sweep.yaml` and one run directory per point under
 `runs/<point name>/`. Every writer and reader takes these names from here.
@@ -25,6 +27,8 @@ STATUS_FILE = "status.json"
 CHECKPOINTS_DIR = "checkpoints"
 ANALYSIS_DIR = "analysis"
 FIGURES_DIR = "figures"
+TENSORBOARD_DIR = "tensorboard"  # seismo.train.trackers
+WANDB_DIR = "wandb"
 SPEC_FILE = "sweep.yaml"  # a sweep directory's self-contained copy of its spec
 RUNS_DIR = "runs"  # a sweep's point run directories: <sweep dir>/runs/<point name>/
 

@@ -190,8 +190,12 @@ class RunConfig:
     checkpoint_every: int = 100  # every N-th step is kept
     checkpoint_log_until: int = 1024  # keep steps 1, 2, 4, ... up to this bound
     checkpoint_async: bool = True
-    progress: Literal["auto", "on", "off"] = "auto"
+    progress: Literal["auto", "on", "lines", "off"] = "auto"  # a bar on a terminal, plain lines off one
     logit_warning_threshold: float = 1e4  # max attention logit predicted to cross -> warning
+    # off a terminal (a log file, a pipe, nohup): a progress line at most this often (0: every row)
+    log_seconds: float = 30.0
+    # where metrics go besides metrics.jsonl (always written): tensorboard, wandb (seismo.train.trackers)
+    trackers: Sequence[str] = ("jsonl",)
     profile_steps: Sequence[int] = ()  # [a, b]: a jax.profiler trace of steps a..b in <run_dir>/profile
     peak_flops: float | None = None  # peak FLOP/s per device for `mfu` (None: seismo.train.flops' table)
     # the user's modules imported before validation (their activations, data sources, ...):
@@ -651,6 +655,13 @@ def validate(cfg: Config, origin: str = "config") -> None:
             hint = nearest(group, list(DECAY_GROUPS))
             fail(f"optimizer.decay_exclude has unknown group {group!r}" + (f"; did you mean {hint!r}?" if hint else "")
                  + f" Groups: {', '.join(DECAY_GROUPS)}")
+    for name in r.trackers:
+        if name not in TRACKERS:
+            hint = nearest(str(name), list(TRACKERS))
+            fail(f"run.trackers has unknown tracker {name!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                 + f" Trackers: {', '.join(TRACKERS)}")
+    if r.log_seconds < 0:
+        fail(f"run.log_seconds must be 0 (a line at every row) or more seconds, got {r.log_seconds}")
     if d.batch_size % o.grad_accum_steps:
         fail(f"data.batch_size ({d.batch_size}) must be divisible by optimizer.grad_accum_steps ({o.grad_accum_steps})")
     if not 0 < d.holdout_fraction < 1:
@@ -687,3 +698,6 @@ MAX_INT = 2**31 - 1  # the step counter, sizes and seeds are int32 on the device
 
 # Parameter groups (seismo.models.param_groups) that optimizer.decay_exclude may name.
 DECAY_GROUPS = ("kernel", "embedding", "norm", "bias", "activation", "attn_bias", "layerscale")
+
+# Where run.trackers may send metrics (seismo.train.trackers); metrics.jsonl is always written.
+TRACKERS = ("jsonl", "tensorboard", "wandb")

@@ -31,7 +31,7 @@ from seismo.config.sweepfile import (
     vmap_groups,
     write_spec,
 )
-from seismo.train.metrics import read_status
+from seismo.train.metrics import duration, read_status
 
 DONE = ("finished", "diverged")
 
@@ -56,6 +56,9 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     todo = [p for p in points if not is_done(run_dir(sweep_dir, p))]
     print(f"sweep {spec.name}: {len(points)} points, {len(points) - len(todo)} already done, "
           f"{len(todo)} to run ({spec.execution}) -> {sweep_dir}", flush=True)
+    for p in points:
+        if p not in todo:
+            print(f"    {p.name}: skipped ({(read_status(run_dir(sweep_dir, p)) or {}).get('status')} already)", flush=True)
     t0 = time.perf_counter()
     if spec.execution == "vmap":
         complete = _run_vmapped(todo, sweep_dir)
@@ -104,21 +107,41 @@ def write_tables(sweep_dir: Path, spec: SweepSpec) -> None:
     collect_results(sweep_dir, spec, write=True)
 
 
-def _report(results: Sequence[Any]) -> bool:
-    """Print each run's outcome; True when one was preempted (the sweep then stops: started
-    again, it resumes there)."""
+class SweepProgress:
+    """The sweep's own progress lines: each point (or vmapped group) as it starts and ends,
+    and after each, how many points are done and an ETA: the wall time per point so far times
+    the points left (for parallel workers, the rate at which points have been finishing)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def finished(self, n: int = 1) -> str:
+        """Count `n` more points done; the line that says where the sweep stands."""
+        self.done += n
+        elapsed = time.perf_counter() - self.t0
+        left = self.total - self.done
+        eta = f", ETA {duration(elapsed / self.done * left)}" if self.done and left else ""
+        return f"{self.done}/{self.total} points done in {duration(elapsed)}{eta}"
+
+
+def _report(results: Sequence[Any], progress: SweepProgress | None = None) -> bool:
+    """Print each run's outcome (and where the sweep stands); True when one was preempted (the
+    sweep then stops: started again, it resumes there)."""
     for r in results:
         eval_part = f", eval loss {r.final_eval_loss:.4f}" if r.final_eval_loss is not None else ""
         print(f"    {r.run_dir.name}: {r.status} at step {r.step}{eval_part}", flush=True)
+    if progress is not None:
+        print(f"    sweep: {progress.finished(sum(r.status != 'preempted' for r in results))}", flush=True)
     return any(r.status == "preempted" for r in results)
 
 
 def _run_sequential(points: Sequence[Point], sweep_dir: Path) -> bool:
     from seismo.train.loop import train
 
+    progress = SweepProgress(len(points))
     for i, p in enumerate(points):
-        print(f"[{i + 1}/{len(points)}] {p.name}", flush=True)
-        if _report([train(p.config, run_dir(sweep_dir, p))]):
+        print(f"[{i + 1}/{len(points)}] {p.name}: started", flush=True)
+        if _report([train(p.config, run_dir(sweep_dir, p))], progress):
             return False
     return True
 
@@ -129,15 +152,16 @@ def _run_vmapped(points: Sequence[Point], sweep_dir: Path) -> bool:
     from seismo.train.loop import train, train_group
 
     groups = vmap_groups(points)
+    progress = SweepProgress(len(points))
     for i, group in enumerate(groups):
         names = ", ".join(p.name for p in group)
-        print(f"[group {i + 1}/{len(groups)}] {len(group)} points vmapped: {names}", flush=True)
+        print(f"[group {i + 1}/{len(groups)}] {len(group)} points vmapped: {names}: started", flush=True)
         dirs = [run_dir(sweep_dir, p) for p in group]
         if len(group) == 1:
             results = [train(group[0].config, dirs[0])]
         else:
             results = train_group([p.config for p in group], dirs)
-        if _report(results):
+        if _report(results, progress):
             return False
     return True
 
@@ -173,6 +197,7 @@ def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int, import
     if (os.cpu_count() or 1) <= workers:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     failed = []
+    progress, n_started = SweepProgress(len(points)), 0
     while queue or running:
         while queue and len(running) < workers:
             p = queue.pop(0)
@@ -183,13 +208,14 @@ def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int, import
             cmd = [sys.executable, "-m", "seismo.cli", "train", str(d / rundir.CONFIG_FILE), "--run-dir", str(d)]
             cmd += [arg for m in imports for arg in ("--import", m)]
             running.append((p, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-            print(f"started {p.name}", flush=True)
+            n_started += 1
+            print(f"[{n_started}/{len(points)}] {p.name}: started (log: {d / 'train.log'})", flush=True)
         time.sleep(0.5)
         for p, proc in list(running):
             if proc.poll() is not None:
                 running.remove((p, proc))
                 status = (read_status(run_dir(sweep_dir, p)) or {}).get("status", "failed")
-                print(f"{p.name}: {status} (exit {proc.returncode})", flush=True)
+                print(f"    {p.name}: {status} (exit {proc.returncode}); sweep: {progress.finished()}", flush=True)
                 if proc.returncode not in (0, 3):
                     failed.append(p.name)
     if failed:

@@ -43,6 +43,7 @@ from seismo.instrument.probes import ProbeFactory, StepProbe, make_step_probes
 from seismo.models import Model
 from seismo.train import mesh as mesh_lib
 from seismo.train import optimizer as opt_lib
+from seismo.train import trackers
 from seismo.train.step import TrainState, make_eval_step, make_train_step, under_mesh
 
 Hparams = Mapping[str, Any]  # dotted key -> scalar (a traced value inside a vmapped step)
@@ -50,10 +51,11 @@ Hparams = Mapping[str, Any]  # dotted key -> scalar (a traced value inside a vma
 
 def check_config(cfg: Config) -> None:
     """The checks a config needs beyond its schema, by the layers that own the names: the
-    data source (seismo.data), the activation, norm and attention (seismo.models). Raises
-    ConfigError, before anything compiles."""
+    data source (seismo.data), the activation, norm and attention (seismo.models), the
+    trackers' packages (seismo.train.trackers). Raises ConfigError, before anything compiles."""
     data_lib.check_config(cfg)
     models.check_config(cfg)
+    trackers.check_available(cfg)
 
 
 def with_hparams(cfg: Config, hp: Hparams) -> Config:

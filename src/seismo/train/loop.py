@@ -38,7 +38,7 @@ import numpy as np
 
 from seismo import config as config_lib
 from seismo import data as data_lib
-from seismo import rundir
+from seismo import models, rundir
 from seismo.config import Config
 from seismo.instrument.probes import ProbeFactory, StepProbe
 from seismo.rundir import row_kind
@@ -48,7 +48,7 @@ from seismo.train import flops as flops_lib
 from seismo.train import mesh as mesh_lib
 from seismo.train import ownership
 from seismo.train.engine import Engine
-from seismo.train.metrics import MetricsWriter, Progress
+from seismo.train.metrics import MetricsWriter, Progress, duration, say
 from seismo.train.profile import PROFILE_DIR, StepProfiler
 from seismo.train.step import TrainState, padded_chunks
 from seismo.train.stop import StopFlag
@@ -130,7 +130,7 @@ class PointRun:
 
     def __init__(self, cfg: Config, run_dir: Path, writer_host: bool, probe: StepProbe | None):
         self.cfg, self.run_dir, self.probe = cfg, Path(run_dir), probe
-        self.writer = MetricsWriter(self.run_dir, enabled=writer_host)
+        self.writer = MetricsWriter(self.run_dir, enabled=writer_host, cfg=cfg)
         self.ckpt = ckpt_lib.Checkpointer(self.run_dir / rundir.CHECKPOINTS_DIR, async_save=cfg.run.checkpoint_async)
         self.status = "running"
         self.step = 0
@@ -182,8 +182,10 @@ class Recorder:
     of a step only when its row is due or its loss is not finite, and each active run gets
     its part. `due(step)` says when to flush: after a row step, or once `window` steps wait."""
 
-    def __init__(self, engine: Engine, runs: Sequence[PointRun], progress: Progress, step: int):
+    def __init__(self, engine: Engine, runs: Sequence[PointRun], progress: Progress, step: int,
+                 clock: RunClock | None = None):
         self.engine, self.runs, self.progress = engine, runs, progress
+        self.clock = clock if clock is not None else RunClock(engine, runs, step, progress.desc, speak=False)
         cfg = engine.cfg
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         # mfu (seismo.train.flops): one point's PaLM model FLOPs over the whole mesh's peak
@@ -252,10 +254,86 @@ class Recorder:
             if run.active:
                 idx = i if self.engine.vmapped else None
                 run.record(step, _take(metrics, idx), None if probes is None else _take(probes, idx), due, timing)
+                if run.active:
+                    self.clock.last_loss[i] = float(losses[i])
+        self.clock.step = step
         if due:
             live = [float(losses[i]) for i, r in enumerate(self.runs) if r.active]
             tps = timing["tokens_per_s"] and timing["tokens_per_s"] * len(self.runs)
             self.progress.update(step, min(live) if live else None, tps)
+        if self.progress.line_due(step, due):
+            live = [float(losses[i]) for i, r in enumerate(self.runs) if r.active]
+            note = f" (lowest of {len(live)} running)" if len(self.runs) > 1 else ""
+            self.progress.line(step, min(live) if live else None, note)
+
+
+class RunClock:
+    """The wall-clock side of a run, for the people watching it (on the writer host):
+
+    * the compile lines: the first call of each jitted step blocks while XLA traces and
+      compiles it (the plain train step, and the instrumented probe step, compiled beside it,
+      the first time a probe is due), so a line says so before and another how long it took;
+    * the end-of-run summary (`summary`, printed by `_finish`): status, steps, wall time and
+      compile time, tokens/s, parameter count, final train and eval loss, the run directory
+      and what it holds."""
+
+    STEP_WORDS = {"train": "train step", "probe": "probe step (the instrumented step, every run.probe_every steps)"}
+
+    def __init__(self, engine: Engine, runs: Sequence[PointRun], step: int, desc: str, speak: bool = True):
+        self.engine, self.runs, self.desc, self.speak = engine, runs, desc, speak
+        self.t0, self.start_step, self.step = time.perf_counter(), step, step
+        self.compile_s: dict[str, float] = {}
+        self.last_loss: dict[int, float] = {}
+
+    def call(self, name: str, fn: Any, *args: Any) -> Any:
+        """`fn(*args)`; its first call is announced and timed (the compile)."""
+        if name in self.compile_s:
+            return fn(*args)
+        if self.speak:
+            say(f"{self.desc}: compiling the {self.STEP_WORDS.get(name, name)} ...")
+        t = time.perf_counter()
+        out = fn(*args)
+        self.compile_s[name] = time.perf_counter() - t
+        if self.speak:
+            say(f"{self.desc}: {name} step compiled in {duration(self.compile_s[name])}")
+        return out
+
+    def summary(self) -> list[str]:
+        """The end-of-run summary, one string per line."""
+        e, cfg = self.engine, self.engine.cfg
+        wall = time.perf_counter() - self.t0
+        steps = self.step - self.start_step
+        compile_s = sum(self.compile_s.values())
+        tokens = steps * cfg.data.batch_size * cfg.data.seq_len * (e.n_points or 1)
+        rate = tokens / max(wall - compile_s, 1e-9) if steps else 0.0
+        n, n_body = models.param_count(e.params_shape), models.param_count(e.params_shape, non_embedding=True)
+        statuses = sorted({r.status for r in self.runs})
+        done = (f"{steps} steps in {duration(wall)} ({duration(compile_s)} compiling), {rate:,.0f} tokens/s after "
+                "the compile" if steps else "nothing left to train")
+        head = (f"{self.desc}: {'/'.join(statuses)} at step {self.step}/{cfg.run.steps}: {done}, {n:,} parameters "
+                f"({n_body:,} non-embedding)" + (f" per run, {e.n_points} runs" if e.vmapped else ""))
+        lines = [head]
+        for i, r in enumerate(self.runs):
+            loss = self.last_loss.get(i)
+            parts = [f"train loss {loss:.4f}"] if loss is not None else []
+            if r.final_eval is not None:
+                parts.append(f"eval loss {r.final_eval:.4f}")
+            lines.append(f"  {r.run_dir}: {r.status} at step {r.step}" + "".join(", " + p for p in parts))
+        lines.append(f"  {'each run directory' if len(self.runs) > 1 else 'the run directory'} holds: "
+                     + ", ".join(_listing(self.runs[0])))
+        return lines
+
+
+def _listing(run: PointRun) -> list[str]:
+    """What a run directory holds, for the summary: files, and folders with a word on each."""
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in run.run_dir.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return ["(cannot be listed)"]
+    steps = run.ckpt.steps()
+    shown = ", ".join(map(str, steps)) if len(steps) <= 4 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
+    words = {rundir.CHECKPOINTS_DIR + "/": f"{rundir.CHECKPOINTS_DIR}/ (steps {shown})" if steps else None}
+    return [words.get(n) or n for n in names]
 
 
 def train(cfg: Config, run_dir: str | Path, *, probe: ProbeFactory | None = None,
@@ -328,8 +406,8 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
                     r.warn(step, notice)
                 if layout.note:  # a mesh in device order is never silent
                     r.warn(step, layout.note)
-            _run_steps(engine, feed, runs, state, step, record, stop, stop_at)
-            results = _finish(runs)
+            clock = _run_steps(engine, feed, runs, state, step, record, stop, stop_at)
+            results = _finish(runs, clock)
         except Exception as e:
             unwritable = _storage_error(e, runs)
             if unwritable is None:
@@ -370,15 +448,20 @@ def _storage_error(e: BaseException, runs: Sequence[PointRun]) -> RunDirUnwritab
                             "it writable, then run the same command again: it resumes from the newest checkpoint")
 
 
-def _finish(runs: Sequence[PointRun]) -> list[RunResult]:
+def _finish(runs: Sequence[PointRun], clock: RunClock | None = None) -> list[RunResult]:
+    """Each run's final status (and its trackers closed); the summary, when a clock is given."""
     results = []
     for r in runs:
         r.ckpt.close()
         if r.status == "running":
             r.status = "finished"
         r.writer.status(r.status, r.step, final_eval_loss=r.final_eval)
+        r.writer.close()
         results.append(RunResult(status=r.status, step=r.step, run_dir=r.run_dir, final_eval_loss=r.final_eval,
                                  loss_at_init=r.loss_at_init))
+    if clock is not None and clock.speak:
+        for line in clock.summary():
+            say(line)
     return results
 
 
@@ -441,8 +524,13 @@ def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: Trai
                stop: StopFlag, stop_at: int | None) -> None:
     cfg = engine.cfg
     schedule = ckpt_lib.CheckpointSchedule(cfg.run)
-    desc = "train" if not engine.vmapped else f"vmapped x{engine.n_points}"
-    rec = Recorder(engine, runs, Progress(cfg.run.steps, step, cfg.run.progress, desc=desc), step)
+    desc = runs[0].run_dir.name if not engine.vmapped else f"vmapped x{engine.n_points}"
+    speak = runs[0].writer.enabled  # progress, compile lines and the summary on the writer host only
+    progress = Progress(cfg.run.steps, step, cfg.run.progress if speak else "off", desc=desc,
+                        log_seconds=cfg.run.log_seconds,
+                        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len * (engine.n_points or 1))
+    clock = RunClock(engine, runs, step, desc, speak=speak)
+    rec = Recorder(engine, runs, progress, step, clock)
     profiler = StepProfiler(cfg.run.profile_steps, runs[0].run_dir / PROFILE_DIR)  # run.profile_steps: [a, b]
     active = lambda: any(r.active for r in runs)
     for r in runs:
@@ -451,7 +539,8 @@ def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: Trai
         while step < cfg.run.steps and active():
             probing = engine.probe_step is not None and _probe_due(cfg, step + 1)
             profiler.before(step + 1)
-            out = (engine.probe_step if probing else engine.train_step)(state, feed.batch(step))
+            out = clock.call("probe" if probing else "train", engine.probe_step if probing else engine.train_step,
+                             state, feed.batch(step))
             state, step = out[0], step + 1
             profiler.after(step, state)
             rec.add(step, out[1], out[2] if probing else None)
@@ -485,3 +574,4 @@ def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: Trai
     finally:
         profiler.close()
         rec.progress.close()
+    return clock

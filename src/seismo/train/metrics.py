@@ -19,7 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from seismo.config import Config
 from seismo.rundir import METRICS_ASIDE_FILE, METRICS_FILE, STATUS_FILE, parse_row, row_kind
+from seismo.train.trackers import Trackers
 
 
 def to_jsonable(value: Any) -> Any:
@@ -40,17 +42,21 @@ def to_jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, cfg: Config | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.status_path = Path(run_dir) / STATUS_FILE
         self.enabled = enabled
+        # the run's other trackers (cfg.run.trackers: TensorBoard, W&B), on the writer host only
+        self.trackers = Trackers(cfg, run_dir) if enabled and cfg is not None else None
 
     def truncate_after(self, step: int) -> list[dict[str, Any]]:
         """Make the file read as one uninterrupted run up to `step` (the restored checkpoint):
         rows logged past it by a run killed after its last checkpoint, preemption rows, and
         lines that are not rows at all (a half-written last line, bytes that are not UTF-8)
         move to `metrics.aside.jsonl`, after a line saying when and why; nothing is deleted.
-        Returns the rows kept."""
+        Returns the rows kept. The trackers are told where the run continues (seismo.train.trackers)."""
+        if self.trackers:
+            self.trackers.resume(step)
         if not (self.enabled and self.path.exists()):
             return []
         kept_lines, kept, aside = [], [], []
@@ -74,16 +80,25 @@ class MetricsWriter:
     def write(self, row: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
+        if self.trackers:
+            self.trackers.write(to_jsonable(row))
         with self.path.open("a") as f:
             f.write(json.dumps(to_jsonable(row), allow_nan=False) + "\n")
 
     def status(self, status: str, step: int, **extra: Any) -> None:
         if not self.enabled:
             return
+        if self.trackers:  # at every checkpoint and at the end: the trackers' files follow the record
+            self.trackers.flush()
         data = {"status": status, "step": step, "time": time.time(), **to_jsonable(extra)}
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.status_path)
+
+    def close(self) -> None:
+        """Close the trackers (the end of the run); metrics.jsonl needs no closing."""
+        if self.trackers:
+            self.trackers.close()
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any] | None:
@@ -94,11 +109,44 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-class Progress:
-    """tqdm bar with loss and throughput, shown when attached to a terminal (or forced)."""
+def duration(seconds: float) -> str:
+    """A length of time as a person reads it: '42 s', '3 min 05 s', '2 h 07 min'."""
+    s = max(0.0, float(seconds))
+    if s < 60:
+        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
-    def __init__(self, total: int, initial: int, mode: str = "auto", desc: str = "train"):
-        show = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+
+def say(message: str) -> None:
+    """One line on stderr, flushed at once (a log file or a pipe shows it now, not at exit)."""
+    print(f"seismo: {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """What a person watching a run sees. On a terminal (or with run.progress=on) a tqdm bar
+    with loss and throughput, updated at every row. Off a terminal (a log file, a pipe,
+    nohup, a cluster job; or run.progress=lines) a plain line on stderr at the first recorded
+    step, then at most every `log_seconds` (0: at every row) and at the last step:
+
+        seismo: tiny: step 120/500 (24%), loss 2.3141, 5,120 tokens/s, 41 s elapsed, ETA 2 min 10 s
+
+    tokens/s is measured over the steps since the previous line, the ETA from the rate since
+    the first step (which includes the compile, and is left out). run.progress=off shows
+    neither. The compile lines and the end-of-run summary (seismo.train.loop) are printed
+    whatever the mode."""
+
+    def __init__(self, total: int, initial: int, mode: str = "auto", desc: str = "train",
+                 log_seconds: float = 30.0, tokens_per_step: int | None = None):
+        tty = sys.stderr.isatty()
+        show = mode == "on" or (mode == "auto" and tty)
+        self.lines = mode == "lines" or (mode == "auto" and not tty)
+        self.total, self.desc, self.log_seconds = total, desc, log_seconds
+        self.tokens_per_step = tokens_per_step
+        self._t0 = time.perf_counter()  # elapsed counts from here: the compile is part of it
+        self._first: tuple[float, int] | None = None  # (time, step) of the first recorded step
+        self._last: tuple[float, int] | None = None  # of the last line printed
         self.bar = None
         if show:
             from tqdm.auto import tqdm
@@ -116,6 +164,34 @@ class Progress:
             post["tok/s"] = f"{tokens_per_s:,.0f}"
         self.bar.set_postfix(post, refresh=False)
         self.bar.refresh()
+
+    def line_due(self, step: int, row: bool) -> bool:
+        """Whether a plain line is due at this recorded step (cheap: called at every step)."""
+        if not self.lines:
+            return False
+        if self._last is None or step >= self.total:
+            return True
+        if self.log_seconds <= 0:
+            return row
+        return time.perf_counter() - self._last[0] >= self.log_seconds
+
+    def line(self, step: int, loss: float | None, note: str = "") -> None:
+        """Print the plain progress line of `step` (`loss`: the lowest of the live runs)."""
+        now = time.perf_counter()
+        parts = [f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}{note}")
+        if self._last is not None and self.tokens_per_step and step > self._last[1]:
+            parts.append(f"{self.tokens_per_step * (step - self._last[1]) / max(now - self._last[0], 1e-9):,.0f} tokens/s")
+        if self._first is None:
+            self._first = (now, step)
+        else:
+            parts.append(f"{duration(now - self._t0)} elapsed")
+            done = step - self._first[1]
+            if 0 < done and step < self.total:
+                parts.append(f"ETA {duration((self.total - step) * (now - self._first[0]) / done)}")
+        say(f"{self.desc}: " + ", ".join(parts))
+        self._last = (now, step)
 
     def close(self) -> None:
         if self.bar is not None:

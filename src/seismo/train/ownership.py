@@ -34,6 +34,7 @@ LOCK_FILE = ".seismo.lock"
 # Keys whose change leaves the trajectory as it is: what is recorded, how often, and where.
 CADENCE_KEYS = frozenset({
     "run.log_every", "run.eval_every", "run.probe_every", "run.progress", "run.logit_warning_threshold",
+    "run.log_seconds", "run.trackers",
     "run.checkpoint_every", "run.checkpoint_log_until", "run.checkpoint_async",
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.multihost", "mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_tensor",
     "mesh.layout", "run.profile_steps", "run.peak_flops",
