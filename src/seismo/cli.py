@@ -197,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     from seismo.config import ConfigError
     from seismo.data import DataError
     from seismo.registry import UnknownNameError
+    from seismo.rundir import StorageUnavailable
 
     try:
         config_lib.import_plugins(getattr(args, "imports", ()), where="--import")  # before any config is read
         return _dispatch(args)
-    except (ConfigError, DataError, UnknownNameError, FileNotFoundError) as e:
+    except (ConfigError, DataError, UnknownNameError, StorageUnavailable, FileNotFoundError) as e:
         return _fail(args.command, str(e))
     except OSError as e:  # a read-only run directory, a full disk: nothing is lost, the same command resumes
         if e.strerror is None:  # seismo's own (seismo.train.loop.RunDirUnwritable) says what to do already
@@ -223,7 +224,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from seismo.train.loop import train
 
         cfg = config_lib.load(args.config, args.overrides)  # validated before anything compiles
-        run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+        run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)  # a path or a gs:// URL, kept as given
         result = train(cfg, run_dir, restart=args.restart)
         print(f"{result.status} at step {result.step}: {run_dir}"
               + (f" (eval loss {result.final_eval_loss:.4f})" if result.final_eval_loss is not None else ""))

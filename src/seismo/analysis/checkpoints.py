@@ -31,6 +31,7 @@ appended. Rows of steps that done.json does not list (an interrupted run) are dr
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import warnings
@@ -46,7 +47,7 @@ import pandas as pd
 
 from seismo import config as config_lib
 from seismo import data as data_lib
-from seismo import models
+from seismo import models, rundir
 from seismo.config import ConfigError
 from seismo.instrument import tables
 from seismo.instrument.dynamics_fit import fit_massive_dynamics
@@ -120,7 +121,7 @@ def probe(model: Any, params: Any, tokens: Any, probes: Iterable[str] | str | No
 
 def read_table(run_dir: str | os.PathLike, name: str) -> pd.DataFrame:
     """RUN_DIR/analysis/<name>.csv with its column types (nullable integers for layer, head, ...)."""
-    path = Path(run_dir) / ANALYSIS_DIR / f"{name}.csv"
+    path = rundir.path(run_dir) / ANALYSIS_DIR / f"{name}.csv"
     if not path.exists():
         have = sorted(p.stem for p in path.parent.glob("*.csv")) if path.parent.exists() else []
         raise FileNotFoundError(f"{path} does not exist (tables there: {', '.join(have) or 'none'}); "
@@ -130,7 +131,20 @@ def read_table(run_dir: str | os.PathLike, name: str) -> pd.DataFrame:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     dtypes = {c: ("Int64" if c in tables.INT_COLUMNS else object) for c in tables.INT_COLUMNS | tables.STR_COLUMNS}
-    return pd.read_csv(path, dtype={**dtypes, "value": "float64"})
+    return pd.read_csv(_csv_source(path), dtype={**dtypes, "value": "float64"})
+
+
+def _csv_source(path: Path) -> Any:
+    """What pandas reads a table from: the path itself, or the text of an object on a store
+    (read through the run directory's own filesystem, so it sees what was just written)."""
+    return io.StringIO(path.read_text()) if rundir.is_remote(path) else path
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    if rundir.is_remote(path):
+        rundir.write_atomic(path, df.to_csv(index=False))
+    else:
+        df.to_csv(path, index=False)
 
 
 @dataclasses.dataclass
@@ -151,10 +165,8 @@ class _Done:
                    dict(raw.get("skipped", {})))
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format": _FORMAT, "settings": self.settings, "steps": self.steps,
-                                   "skipped": self.skipped}, indent=1))
-        tmp.replace(self.path)
+        rundir.write_atomic(self.path, json.dumps({"format": _FORMAT, "settings": self.settings,
+                                                   "steps": self.steps, "skipped": self.skipped}, indent=1))
 
     def has(self, group: str, step: int) -> bool:
         return step in self.steps.get(group, ())
@@ -186,14 +198,17 @@ def _drop_unfinished_rows(folder: Path, done: _Done) -> None:
         df = _read_csv(path)
         keep = df["step"].isin(done.steps.get(group, []))
         if not keep.all():
-            df[keep].to_csv(path, index=False)
+            _write_csv(path, df[keep])
 
 
 def _append(path: Path, df: pd.DataFrame, step: int, group: str) -> None:
     df = df.copy()
     df.insert(0, "step", step)
     df = tables.typed(df[list(columns(group))])
-    df.to_csv(path, mode="a", header=not path.exists(), index=False)
+    if rundir.is_remote(path):  # an object store has no appends: rundir reads and rewrites it
+        rundir.append_text(path, df.to_csv(header=not path.exists(), index=False))
+    else:
+        df.to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
 def _abstract_params(model: Any, seq_len: int) -> Any:
@@ -241,7 +256,7 @@ def analyze_run(run_dir: str | os.PathLike, probes: Iterable[str] | str | None =
     differ from the recorded ones raise `ConfigError`. Returns the analysis directory.
     """
     groups = check_groups(probes)
-    run_dir = Path(run_dir)
+    run_dir = rundir.path(run_dir)  # a local folder or a gs:// URL
     if not (run_dir / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
     if not (run_dir / CHECKPOINTS_DIR).is_dir():
@@ -256,7 +271,7 @@ def analyze_run(run_dir: str | os.PathLike, probes: Iterable[str] | str | None =
 def _analyze(run_dir: Path, cfg: Any, groups: tuple[str, ...], eval_sequences: int | None, top_k: int,
              sink_eps: float, cett_p: float | None, progress: bool) -> Path:
     folder = run_dir / ANALYSIS_DIR
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     done = _Done.load(folder / DONE_FILE)
     done.settings = _settings(done, eval_sequences, top_k, sink_eps, cett_p)
     _drop_unfinished_rows(folder, done)
@@ -326,6 +341,6 @@ def fit_massive_dynamics_table(run_dir: str | os.PathLike, metric: str = "ratio_
         except (RuntimeError, ValueError) as e:  # no convergence, or a constant ratio
             row["error"] = str(e).splitlines()[0][:200]
         rows.append(row)
-    path = Path(run_dir) / ANALYSIS_DIR / FIT_FILE
-    pd.DataFrame(rows, columns=list(FIT_COLUMNS)).to_csv(path, index=False)
+    path = rundir.path(run_dir) / ANALYSIS_DIR / FIT_FILE
+    _write_csv(path, pd.DataFrame(rows, columns=list(FIT_COLUMNS)))
     return path

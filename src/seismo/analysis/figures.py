@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from seismo import rundir
 from seismo.analysis.extrapolate import DIVERGENCE_LOGIT, fitted_curve
 from seismo.analysis.sensitivity import clamp_losses
 from seismo.config.sweepfile import format_value
@@ -41,9 +41,8 @@ SEED_KEY = "run.seed"
 
 
 def _save(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=130)
+    if path is not None:  # a local path or a URL on a store (seismo.rundir)
+        rundir.save_figure(fig, path, dpi=130)
     return fig
 
 

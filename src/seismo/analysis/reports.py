@@ -77,7 +77,7 @@ def report(path: str | os.PathLike[str]) -> Path:
     """Write figures/*.png and report.md into a run or sweep directory; returns report.md."""
     from seismo.config.sweepfile import RUNS_DIR, SPEC_FILE
 
-    path = Path(path)
+    path = rundir.path(path)  # a local folder or a gs:// URL
     if (path / SPEC_FILE).exists() or (path / RUNS_DIR).is_dir():
         return sweep_report(path)
     if (path / rundir.CONFIG_FILE).exists():

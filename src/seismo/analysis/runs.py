@@ -14,6 +14,7 @@ metrics.jsonl is skipped (and counted in `Run.skipped_lines`).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from seismo import rundir
 from seismo.analysis.sensitivity import sensitivity_table
 from seismo.rundir import (
     ANALYSIS_DIR,
@@ -50,7 +52,7 @@ def read_metrics(path: PathLike) -> tuple[list[dict[str, Any]], int]:
     """The rows of a metrics.jsonl file and the number of unreadable lines skipped (a killed
     writer leaves a half-written last line). Rows logged again after a resume replace the
     earlier ones of the same kind and step."""
-    path = Path(path)
+    path = rundir.path(path)
     if not path.exists():
         return [], 0
     rows: dict[tuple[str, int], dict[str, Any]] = {}
@@ -214,12 +216,13 @@ class Run:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist. Tables here: {', '.join(self.analysis_tables()) or 'none'}"
                                     f" (run `seismo analyze {self.path}` to write them)")
-        return pd.read_csv(path)
+        return pd.read_csv(io.StringIO(path.read_text()) if rundir.is_remote(path) else path)
 
 
 def load_run(path: PathLike) -> Run:
-    """Read a run directory written by `seismo train` (or one that is still being written)."""
-    path = Path(path)
+    """Read a run directory written by `seismo train` (or one that is still being written):
+    a local folder or a gs:// URL (seismo.rundir)."""
+    path = rundir.path(path)
     cfg_path = path / CONFIG_FILE
     if not cfg_path.exists():
         raise FileNotFoundError(f"{path} is not a run directory: it has no config.yaml")
@@ -370,7 +373,7 @@ def collect_results(sweep_dir: PathLike, spec: Any = None, logit_step: int | str
     config keys whose values differ between runs. `logit_step` defaults to the spec's
     report.logit_step ('last'). Writes results.csv and summary.csv (LR sensitivity per group
     of all grid keys but the LR and the seed) into the sweep directory when `write`."""
-    return _collect(Path(sweep_dir), spec, logit_step, write)[0]
+    return _collect(rundir.path(sweep_dir), spec, logit_step, write)[0]
 
 
 def _collect(sweep_dir: Path, spec: Any, logit_step: int | str | None,
@@ -386,7 +389,8 @@ def _collect(sweep_dir: Path, spec: Any, logit_step: int | str | None,
         runs = {name: load_run(sweep_dir / RUNS_DIR / name) for name in grid
                 if (sweep_dir / RUNS_DIR / name / CONFIG_FILE).exists()}
     else:
-        runs = {p.name: load_run(p) for p in sorted((sweep_dir / RUNS_DIR).glob("*/")) if (p / CONFIG_FILE).exists()}
+        found = sorted((sweep_dir / RUNS_DIR).iterdir()) if (sweep_dir / RUNS_DIR).is_dir() else []
+        runs = {p.name: load_run(p) for p in found if (p / CONFIG_FILE).exists()}
         grid = _infer_grid(runs)
         keys = sorted({k for g in grid.values() for k in g})
     rows = []
@@ -396,9 +400,9 @@ def _collect(sweep_dir: Path, spec: Any, logit_step: int | str | None,
         rows.append({**values, **summary})
     results = pd.DataFrame(rows)
     if write:
-        results.to_csv(sweep_dir / RESULTS_FILE, index=False)
+        rundir.write_atomic(sweep_dir / RESULTS_FILE, results.to_csv(index=False))
         lr_key = spec.report.lr_key if spec is not None else "optimizer.lr"
-        summarize(results, keys, lr_key).to_csv(sweep_dir / SUMMARY_FILE, index=False)
+        rundir.write_atomic(sweep_dir / SUMMARY_FILE, summarize(results, keys, lr_key).to_csv(index=False))
     return results, list(keys), runs
 
 
@@ -422,7 +426,7 @@ def load_sweep(path: PathLike, logit_step: int | str | None = None) -> Sweep:
     """Read a sweep directory (written by `seismo sweep`): spec, runs, results, summary.
     Nothing is written; `collect_results` writes results.csv and summary.csv."""
 
-    path = Path(path)
+    path = rundir.path(path)
     if not (path / RUNS_DIR).is_dir():
         raise FileNotFoundError(f"{path} is not a sweep directory: it has no {RUNS_DIR}/ folder")
     spec = _spec_of(path)

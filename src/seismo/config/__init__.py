@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import yaml
 
-from seismo import typecheck
+from seismo import rundir, typecheck
 from seismo.registry import nearest
 
 
@@ -259,7 +259,10 @@ def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = 
     validate, and return the frozen `Config`."""
     raw: dict[str, Any] = {}
     origin = "defaults"
-    if path is not None:
+    if path is not None and rundir.is_remote(path):  # a run directory's config.yaml on a store (resolved: no base)
+        raw = yaml.safe_load(rundir.path(path).read_text()) or {}
+        origin = str(path)
+    elif path is not None:
         path = find_file(path)
         raw = read_yaml_tree(path)
         origin = str(path)
@@ -376,7 +379,7 @@ def to_dict(obj: Any) -> Any:
 
 def dump(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write the fully resolved config as YAML (what a run directory records)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    rundir.path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # a local path or a gs:// URL
 
 
 def with_overrides(cfg: Config, overrides: Iterable[str]) -> Config:

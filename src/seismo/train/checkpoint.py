@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from seismo import rundir
 from seismo.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ class Checkpointer:
     deleted, and the step can be saved again later."""
 
     def __init__(self, directory: str | Path, *, async_save: bool = True):
-        self.directory = Path(directory).resolve()
+        directory = rundir.path(directory)  # a local folder, or a gs:// URL (Orbax writes there through tensorstore)
+        self.directory = directory if rundir.is_remote(directory) else directory.resolve()
         options = ocp.CheckpointManagerOptions(
             create=True,
             enable_async_checkpointing=async_save,

@@ -129,7 +129,7 @@ class PointRun:
     the state of its record (active until it diverges or is stopped)."""
 
     def __init__(self, cfg: Config, run_dir: Path, writer_host: bool, probe: StepProbe | None):
-        self.cfg, self.run_dir, self.probe = cfg, Path(run_dir), probe
+        self.cfg, self.run_dir, self.probe = cfg, rundir.path(run_dir), probe
         self.writer = MetricsWriter(self.run_dir, enabled=writer_host, cfg=cfg)
         self.ckpt = ckpt_lib.Checkpointer(self.run_dir / rundir.CHECKPOINTS_DIR, async_save=cfg.run.checkpoint_async)
         self.status = "running"
@@ -343,14 +343,14 @@ def train(cfg: Config, run_dir: str | Path, *, probe: ProbeFactory | None = None
     run.probe_every > 0). `stop_at` ends the run early at that step (with a checkpoint), as
     a preemption would. A run directory made by another config is refused
     (seismo.train.ownership); `restart` moves it aside first and starts over."""
-    return _train([cfg], [Path(run_dir)], vmapped=False, probe=probe, stop_at=stop_at, restart=restart)[0]
+    return _train([cfg], [rundir.path(run_dir)], vmapped=False, probe=probe, stop_at=stop_at, restart=restart)[0]
 
 
 def train_group(cfgs: Sequence[Config], run_dirs: Sequence[str | Path], *,
                 stop_at: int | None = None, restart: bool = False) -> list[RunResult]:
     """Train vmappable points (configs that differ only in `engine.VMAPPABLE_KEYS`) as one
     program, each recorded in its own run directory, exactly as `train` records one run."""
-    return _train(list(cfgs), [Path(d) for d in run_dirs], vmapped=True, stop_at=stop_at, restart=restart)
+    return _train(list(cfgs), [rundir.path(d) for d in run_dirs], vmapped=True, stop_at=stop_at, restart=restart)
 
 
 def _claim(cfgs: Sequence[Config], run_dirs: Sequence[Path], writer_host: bool, restart: bool,

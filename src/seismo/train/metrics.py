@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from seismo import rundir
 from seismo.config import Config
 from seismo.rundir import METRICS_ASIDE_FILE, METRICS_FILE, STATUS_FILE, parse_row, row_kind
 from seismo.train.trackers import Trackers
@@ -42,12 +42,24 @@ def to_jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
+    """Appends rows to metrics.jsonl and replaces status.json. On object storage (a `gs://`
+    run directory, seismo.rundir), where an object cannot be appended to, the rows are kept
+    and the object is written again whole at most every `REMOTE_UPLOAD_S` seconds, and always
+    before status.json is written (at every checkpoint and at the end), so the record on the
+    store is never behind the newest checkpoint it names."""
+
+    REMOTE_UPLOAD_S = 30.0
+
     def __init__(self, run_dir: Path, enabled: bool = True, cfg: Config | None = None):
-        self.path = Path(run_dir) / METRICS_FILE
-        self.status_path = Path(run_dir) / STATUS_FILE
+        self.path = rundir.path(run_dir) / METRICS_FILE
+        self.status_path = rundir.path(run_dir) / STATUS_FILE
         self.enabled = enabled
         # the run's other trackers (cfg.run.trackers: TensorBoard, W&B), on the writer host only
         self.trackers = Trackers(cfg, run_dir) if enabled and cfg is not None else None
+        self.remote = rundir.is_remote(self.path)
+        self._text: str | None = None  # on a store: metrics.jsonl as last uploaded
+        self._pending: list[str] = []
+        self._uploaded = time.monotonic()
 
     def truncate_after(self, step: int) -> list[dict[str, Any]]:
         """Make the file read as one uninterrupted run up to `step` (the restored checkpoint):
@@ -57,6 +69,7 @@ class MetricsWriter:
         Returns the rows kept. The trackers are told where the run continues (seismo.train.trackers)."""
         if self.trackers:
             self.trackers.resume(step)
+        self._pending = []
         if not (self.enabled and self.path.exists()):
             return []
         kept_lines, kept, aside = [], [], []
@@ -70,11 +83,10 @@ class MetricsWriter:
                 aside.append(line)
         if aside:
             note = {"set_aside": time.time(), "resumed_from_step": step, "lines": len(aside)}
-            with (self.path.parent / METRICS_ASIDE_FILE).open("a") as f:
-                f.write(json.dumps(note) + "\n" + "".join(a + "\n" for a in aside))
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept_lines))
-        os.replace(tmp, self.path)
+            rundir.append_text(self.path.parent / METRICS_ASIDE_FILE,
+                               json.dumps(note) + "\n" + "".join(a + "\n" for a in aside))
+        self._text = "".join(k + "\n" for k in kept_lines)
+        rundir.write_atomic(self.path, self._text)
         return kept
 
     def write(self, row: Mapping[str, Any]) -> None:
@@ -82,18 +94,34 @@ class MetricsWriter:
             return
         if self.trackers:
             self.trackers.write(to_jsonable(row))
-        with self.path.open("a") as f:
-            f.write(json.dumps(to_jsonable(row), allow_nan=False) + "\n")
+        line = json.dumps(to_jsonable(row), allow_nan=False) + "\n"
+        if not self.remote:
+            with self.path.open("a") as f:
+                f.write(line)
+            return
+        self._pending.append(line)
+        if time.monotonic() - self._uploaded >= self.REMOTE_UPLOAD_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """On object storage, upload the rows kept since the last upload (locally every row
+        is in the file already)."""
+        if not (self.enabled and self.remote and self._pending):
+            return
+        if self._text is None:
+            self._text = self.path.read_text() if self.path.exists() else ""
+        text = self._text + "".join(self._pending)
+        rundir.write_atomic(self.path, text)
+        self._text, self._pending, self._uploaded = text, [], time.monotonic()
 
     def status(self, status: str, step: int, **extra: Any) -> None:
         if not self.enabled:
             return
         if self.trackers:  # at every checkpoint and at the end: the trackers' files follow the record
             self.trackers.flush()
+        self.flush()  # the rows up to the step it names are on the store before it names it
         data = {"status": status, "step": step, "time": time.time(), **to_jsonable(extra)}
-        tmp = self.status_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.status_path)
+        rundir.write_atomic(self.status_path, json.dumps(data, indent=1))
 
     def close(self) -> None:
         """Close the trackers (the end of the run); metrics.jsonl needs no closing."""
@@ -102,7 +130,7 @@ class MetricsWriter:
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / STATUS_FILE
+    path = rundir.path(run_dir) / STATUS_FILE
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):

@@ -53,7 +53,7 @@ def _flat(cfg: Config) -> dict[str, Any]:
 
 def stored_config(run_dir: Path) -> Config | None:
     """The config a run directory records, or None when it has none."""
-    path = Path(run_dir) / rundir.CONFIG_FILE
+    path = rundir.path(run_dir) / rundir.CONFIG_FILE
     if not path.exists():
         return None
     try:
@@ -84,7 +84,7 @@ def check_config_matches(run_dir: Path, cfg: Config) -> str | None:
 def set_aside(run_dir: Path) -> Path | None:
     """Move an existing run directory aside (`<name>.aside-<UTC time>`), never deleting it;
     the new location, or None when there was nothing."""
-    run_dir = Path(run_dir)
+    run_dir = rundir.path(run_dir)
     if not run_dir.exists():
         return None
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -112,7 +112,7 @@ class RunLock:
     `acquire()` / `release()`."""
 
     def __init__(self, run_dir: Path, what: str = "train"):
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path = rundir.path(run_dir) / LOCK_FILE
         self.me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "what": what,
                    "command": " ".join(sys.argv)[:500]}
         self.held = False
@@ -125,13 +125,7 @@ class RunLock:
         return data if isinstance(data, dict) else None
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.me, f)
-        return True
+        return rundir.create_exclusive(self.path, json.dumps(self.me))
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
