@@ -96,8 +96,9 @@ _NEG = -1e30  # a float32 logit that softmax turns into an exact 0 without inf -
 
 
 def softmax_weights(z: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    p = jax.nn.softmax(jnp.where(mask, z, _NEG), axis=-1)
-    return jnp.where(mask, p, 0.0)
+    # Every row sees at least one key (causal: itself), so exp(_NEG - row max) underflows to an
+    # exact 0 at every masked entry: the weights are masked without a second select.
+    return jax.nn.softmax(jnp.where(mask, z, _NEG), axis=-1)
 
 
 def sigmoid_weights(z: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
