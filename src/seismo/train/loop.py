@@ -176,6 +176,30 @@ def _take(tree: Mapping[str, Any], i: int | None) -> dict[str, Any]:
 FETCH_WINDOW = 10  # at most this many steps between two waits for the device (loss fetches)
 
 
+@jax.jit
+def _pack(leaves: list[jax.Array]) -> dict[str, jax.Array]:
+    """The leaves raveled and joined into one vector per dtype (one transfer each)."""
+    by_dtype: dict[str, list[jax.Array]] = {}
+    for x in leaves:
+        by_dtype.setdefault(jnp.dtype(x.dtype).name, []).append(jnp.ravel(x))
+    return {k: jnp.concatenate(v) for k, v in by_dtype.items()}
+
+
+def _fetch(tree: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+    """`jax.device_get(tree)` for a flat dict of many small arrays (a probe summary: dozens of
+    scalars and per-layer vectors), in one device call and one transfer per dtype instead of
+    one per array: the same values, split back on the host."""
+    keys = list(tree)
+    leaves = [tree[k] for k in keys]
+    host = {k: np.asarray(v) for k, v in jax.device_get(_pack(leaves)).items()}
+    out, at = {}, dict.fromkeys(host, 0)
+    for k, x in zip(keys, leaves):
+        kind, n = jnp.dtype(x.dtype).name, int(np.prod(x.shape))
+        out[k] = host[kind][at[kind]:at[kind] + n].reshape(x.shape)
+        at[kind] += n
+    return out
+
+
 class Recorder:
     """Takes each step's outputs (`add`) and records them in order (`flush`): the losses of
     the pending steps fetched as one array (every step's loss is checked), the whole metrics
@@ -241,7 +265,7 @@ class Recorder:
             metrics = jax.device_get(metrics)
         else:
             metrics = {"loss": losses if self.engine.vmapped else losses[0]}
-        probes = jax.device_get(probes) if probes is not None else None
+        probes = _fetch(probes) if probes is not None else None
         timing: dict[str, Any] = {}
         if due:
             now = time.perf_counter()
