@@ -254,7 +254,7 @@ def test_compile_host_end_to_end(tmp_path, capsys, monkeypatch):
     the headroom and the step time at the stated MFU from the report's own numbers; a limit
     below the step's buffers turns it into 'does not fit' and exit status 1."""
     cfg = tmp_path / "c.yaml"
-    config.dump(config.load(None, MICRO), cfg)
+    config.dump(config.load(None, MICRO + ["model.n_layers=1"]), cfg)
     out = tmp_path / "r.json"
     args = ["compile", str(cfg), "--topology", "host", "--peak-flops", "1e12", "--mfu", "0.5", "--json", str(out)]
     assert cli.main(args) == 0

@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny model: run directory, resume, preemption,
 corrupt checkpoints, divergence, CLI errors. Each test trains for well under a minute."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -50,9 +51,11 @@ def test_run_directory_is_complete(reference_run):
     run_dir, result = reference_run
     assert result.status == "finished" and result.exit_code == 0 and result.step == 12
     assert (run_dir / "config.yaml").exists()
-    # the config as given, with what model.attention_impl: auto resolved to on this platform
-    assert tiny().model.attention_impl == "auto"
-    assert config.load(run_dir / "config.yaml") == models.resolve_attention(tiny(), "cpu")
+    # the config as given, with what `auto` resolved to on this platform: model.attention_impl
+    # and mesh.layout (jax's layout of one CPU device)
+    assert tiny().model.attention_impl == "auto" and tiny().mesh.layout == "auto"
+    want = models.resolve_attention(tiny(), "cpu")
+    assert config.load(run_dir / "config.yaml") == want.replace(mesh=dataclasses.replace(want.mesh, layout="physical"))
     assert config.load(run_dir / "config.yaml").model.attention_impl == "explicit"
     all_rows = rows(run_dir)
     evals = [r for r in all_rows if "eval_loss" in r]
