@@ -5,6 +5,7 @@ tensorstore at a local GCS emulator:
                                               to itself as the step-4 checkpoint is saved (as a
                                               preemption would: the loop saves and exits 0)
     python gcs_driver.py finish URL ARGS...    `seismo analyze URL ARGS`, then `seismo report URL`
+    python gcs_driver.py sweep URL SWEEP       `seismo sweep SWEEP --out URL`, then `seismo report URL`
 
 Each then prints a JSON summary of what the run directory holds, read back through seismo's
 own readers (one process per phase: jax starts three times, not six).
@@ -38,6 +39,22 @@ def finish(url: str, args: list[str]) -> int:
     return cli.main(["analyze", url, *args]) or cli.main(["report", url]) or inspect(url)
 
 
+def sweep(url: str, args: list[str]) -> int:
+    from seismo import cli, rundir
+    from seismo.analysis import load_sweep
+
+    code = cli.main(["sweep", args[0], "--out", url]) or cli.main(["report", url])
+    if code:
+        return code
+    d = rundir.path(url)
+    sw = load_sweep(url)
+    out = {"files": sorted(p.name for p in d.iterdir()),
+           "runs": {name: (run.status_file or {}).get("status") for name, run in sw.runs.items()},
+           "results_rows": len(sw.results), "report": (d / "report.md").read_text()}
+    print("INSPECT " + json.dumps(out))
+    return 0
+
+
 def inspect(url: str) -> int:
     from seismo import rundir
     from seismo.analysis import load_run
@@ -65,4 +82,4 @@ def inspect(url: str) -> int:
 
 if __name__ == "__main__":
     mode, url, *rest = sys.argv[1:]
-    sys.exit({"preempt": preempt, "finish": finish}[mode](url, rest))
+    sys.exit({"preempt": preempt, "finish": finish, "sweep": sweep}[mode](url, rest))

@@ -131,6 +131,19 @@ def test_train_preempt_resume_analyze_report_on_gs(gcs_env, tmp_path):
     assert ".seismo.lock" not in end["files"]
 
 
+def test_a_vmapped_sweep_and_its_report_on_gs(gcs_env, tmp_path):
+    spec = tmp_path / "lr.yaml"
+    spec.write_text("name: lr\nbase: tiny\nexecution: vmap\n"
+                    f"set: {json.dumps([*(kv for kv in TINY_RUN if not kv.startswith('optimizer.lr')), 'run.steps=2', 'run.eval_every=2'])}\n"
+                    "grid:\n  optimizer.lr: [1.0e-3, 3.0e-3]\n")
+    url = f"gs://{BUCKET}/sweeps/lr"
+    p, out = _driver(gcs_env, "sweep", url, str(spec))
+    assert "sweep written to gs://" in p.stdout and "report written to gs://" in p.stdout, p.stdout
+    assert {"sweep.yaml", "results.csv", "summary.csv", "report.md", "runs", "figures"} <= set(out["files"])
+    assert sorted(out["runs"].values()) == ["finished", "finished"] and out["results_rows"] == 2
+    assert "figures/" in out["report"]
+
+
 def test_a_second_writer_is_refused_on_gs(gcs_env):
     url = f"gs://{BUCKET}/runs/locked"
     code = ("import sys; from seismo.train.ownership import RunLock\n"

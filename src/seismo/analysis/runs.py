@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,7 +351,14 @@ def _spec_of(sweep_dir: Path) -> Any:
     from seismo.config.sweepfile import load_sweep_spec
 
     path = sweep_dir / SPEC_FILE
-    return load_sweep_spec(path, validate=False) if path.exists() else None
+    if not path.exists():
+        return None
+    if rundir.is_remote(path):  # read from the store into a local copy that the sweep-file reader opens
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / SPEC_FILE
+            local.write_text(path.read_text())
+            return load_sweep_spec(local, validate=False)
+    return load_sweep_spec(path, validate=False)
 
 
 def _infer_grid(runs: Mapping[str, Run]) -> dict[str, dict[str, Any]]:

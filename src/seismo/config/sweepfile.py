@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from seismo import config as config_lib
-from seismo import typecheck
+from seismo import rundir, typecheck
 from seismo.config import Config, ConfigError
 from seismo.registry import nearest
 from seismo.rundir import RUNS_DIR, SPEC_FILE
@@ -407,8 +407,8 @@ def vmap_groups(points: Sequence[Point]) -> list[list[Point]]:
 
 
 def run_dir(sweep_dir: str | os.PathLike[str], point: Point | str) -> Path:
-    """Where a point's run lives: <sweep dir>/runs/<point name>/."""
-    return Path(sweep_dir) / RUNS_DIR / (point if isinstance(point, str) else point.name)
+    """Where a point's run lives: <sweep dir>/runs/<point name>/ (a local path or a gs:// URL)."""
+    return rundir.path(sweep_dir) / RUNS_DIR / (point if isinstance(point, str) else point.name)
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
@@ -434,7 +434,7 @@ def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
 
 def write_spec(spec: SweepSpec, sweep_dir: str | os.PathLike[str]) -> Path:
     """Write <sweep dir>/sweep.yaml, which `seismo.analysis.load_sweep` reads back."""
-    path = Path(sweep_dir) / SPEC_FILE
+    path = rundir.path(sweep_dir) / SPEC_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
     return path

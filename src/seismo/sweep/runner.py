@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -49,7 +50,7 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     imports = [_portable(m) for m in imports]
     spec = load_sweep_spec(path, overrides, execution=execution, workers=workers)
     points = expand(spec)  # every point's config is validated here, before anything trains
-    sweep_dir = Path(out) if out is not None else Path("runs") / spec.name
+    sweep_dir = rundir.path(out) if out is not None else Path("runs") / spec.name  # a path or a gs:// URL
     _check_points(points, sweep_dir, path)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_spec(spec, sweep_dir)
@@ -204,12 +205,15 @@ def _run_parallel(points: Sequence[Point], sweep_dir: Path, workers: int, import
             d = run_dir(sweep_dir, p)
             d.mkdir(parents=True, exist_ok=True)
             config_lib.dump(p.config, d / rundir.CONFIG_FILE)
-            log = (d / "train.log").open("a")
+            # a process writes its output to a local file: beside the run, or for a run on a
+            # store (gs://), in the temporary folder of this machine
+            log_path = d / "train.log" if not rundir.is_remote(d) else Path(tempfile.gettempdir()) / f"seismo-{p.name}.train.log"
+            log = log_path.open("a")
             cmd = [sys.executable, "-m", "seismo.cli", "train", str(d / rundir.CONFIG_FILE), "--run-dir", str(d)]
             cmd += [arg for m in imports for arg in ("--import", m)]
             running.append((p, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
             n_started += 1
-            print(f"[{n_started}/{len(points)}] {p.name}: started (log: {d / 'train.log'})", flush=True)
+            print(f"[{n_started}/{len(points)}] {p.name}: started (log: {log_path})", flush=True)
         time.sleep(0.5)
         for p, proc in list(running):
             if proc.poll() is not None:
