@@ -303,8 +303,9 @@ class RunClock:
 
     STEP_WORDS = {"train": "train step", "probe": "probe step (the instrumented step, every run.probe_every steps)"}
 
-    def __init__(self, engine: Engine, runs: Sequence[PointRun], step: int, desc: str, speak: bool = True):
-        self.engine, self.runs, self.desc, self.speak = engine, runs, desc, speak
+    def __init__(self, engine: Engine, runs: Sequence[PointRun], step: int, desc: str, speak: bool = True,
+                 progress: Progress | None = None):
+        self.engine, self.runs, self.desc, self.speak, self.progress = engine, runs, desc, speak, progress
         self.t0, self.start_step, self.step = time.perf_counter(), step, step
         self.compile_s: dict[str, float] = {}
         self.last_loss: dict[int, float] = {}
@@ -318,6 +319,8 @@ class RunClock:
         t = time.perf_counter()
         out = fn(*args)
         self.compile_s[name] = time.perf_counter() - t
+        if self.progress is not None:
+            self.progress.pause(self.compile_s[name])  # not part of the rate of the steps
         if self.speak:
             say(f"{self.desc}: {name} step compiled in {duration(self.compile_s[name])}")
         return out
@@ -553,7 +556,7 @@ def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: Trai
     progress = Progress(cfg.run.steps, step, cfg.run.progress if speak else "off", desc=desc,
                         log_seconds=cfg.run.log_seconds,
                         tokens_per_step=cfg.data.batch_size * cfg.data.seq_len * (engine.n_points or 1))
-    clock = RunClock(engine, runs, step, desc, speak=speak)
+    clock = RunClock(engine, runs, step, desc, speak=speak, progress=progress)
     rec = Recorder(engine, runs, progress, step, clock)
     profiler = StepProfiler(cfg.run.profile_steps, runs[0].run_dir / PROFILE_DIR)  # run.profile_steps: [a, b]
     active = lambda: any(r.active for r in runs)

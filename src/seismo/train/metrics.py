@@ -161,7 +161,8 @@ class Progress:
         seismo: tiny: step 120/500 (24%), loss 2.3141, 5,120 tokens/s, 41 s elapsed, ETA 2 min 10 s
 
     tokens/s is measured over the steps since the previous line, the ETA from the rate since
-    the first step (which includes the compile, and is left out). run.progress=off shows
+    the first step (which includes the compile, and is left out; so is a later compile, `pause`).
+    run.progress=off shows
     neither. The compile lines and the end-of-run summary (seismo.train.loop) are printed
     whatever the mode."""
 
@@ -220,6 +221,14 @@ class Progress:
                 parts.append(f"ETA {duration((self.total - step) * (now - self._first[0]) / done)}")
         say(f"{self.desc}: " + ", ".join(parts))
         self._last = (now, step)
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` out of the rates (tokens/s, the ETA): a compile in the middle of the
+        run (the probe step's, the first time a probe is due) says nothing about the steps left."""
+        if self._first is not None:
+            self._first = (self._first[0] + seconds, self._first[1])
+        if self._last is not None:
+            self._last = (self._last[0] + seconds, self._last[1])
 
     def close(self) -> None:
         if self.bar is not None:
