@@ -62,6 +62,22 @@ def _mesh_sizes(text: str) -> dict[str, int]:
     return out
 
 
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
+
+
+def _rate(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive FLOP/s per device, e.g. 1.97e14")
+    return x
+
+
 def _fraction(text: str) -> float:
     try:
         x = float(text)
@@ -163,11 +179,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="mesh sizes, e.g. fsdp=4 or data=2,fsdp=2,tensor=1 (same as --set mesh.fsdp=4)")
     c.add_argument("--mfu", type=_fraction, default=None, metavar="FRACTION",
                    help="the model FLOPs utilisation at which to state the step time (default 0.4)")
-    c.add_argument("--peak-flops", type=float, default=None, metavar="FLOP/S",
+    c.add_argument("--peak-flops", type=_rate, default=None, metavar="FLOP/S",
                    help="peak FLOP/s per device, instead of seismo's table (same as --set run.peak_flops=...)")
     c.add_argument("--chip-config", default=None,
                    help="libtpu chip_config_name (default: what Cloud TPU VMs run, e.g. megacore on v4)")
-    c.add_argument("--num-slices", type=int, default=1, help="multislice: number of slices joined by DCN")
+    c.add_argument("--num-slices", type=_positive, default=1, help="multislice: number of slices joined by DCN")
     probe = c.add_mutually_exclusive_group()
     probe.add_argument("--probe", dest="probes", action="store_true", default=None,
                        help="also compile the instrumented step even if run.probe_every is 0")

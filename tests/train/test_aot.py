@@ -238,6 +238,10 @@ def test_compile_bad_input_exits_2(tmp_path, capsys, main):
     with pytest.raises(SystemExit) as e:
         main([str(cfg), "--topology", "host", "--mfu", "1.5"])
     assert e.value.code == 2 and "--mfu '1.5': give a fraction in (0, 1]" in capsys.readouterr().err
+    for flag, value, words in [("--peak-flops", "-1", "positive FLOP/s"), ("--num-slices", "0", "at least 1")]:
+        with pytest.raises(SystemExit) as e:
+            main([str(cfg), "--topology", "host", flag, value])
+        assert e.value.code == 2 and words in capsys.readouterr().err
 
 
 def test_compile_without_libtpu_says_how_to_install(tmp_path, capsys, monkeypatch):
