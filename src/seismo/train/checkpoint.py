@@ -7,7 +7,9 @@ et al. 2025, arXiv 2508.03616, is the same idea). Saves are asynchronous (Orbax
 `CheckpointManager`); a restore lands on whatever mesh the job has now (the target's
 shardings); every array is checked against a checksum saved with it, and an unreadable or
 mismatched checkpoint is set aside (renamed, with its reason; never deleted) and the previous
-one is used.
+one is used. With several processes the choice is agreed: a step is used only when every
+process read it (`restore_latest(..., agree=...)`), so no host restores another step than
+the others.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import datetime
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -138,22 +140,60 @@ class Checkpointer:
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restore `step` onto `target`'s shapes, dtypes and shardings (the current mesh), and
         check its arrays against the checksums saved with them (ValueError if they differ)."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        out = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
-        )
-        state, record = out["state"], dict(out["record"] or {})
-        saved = record.pop("checksums", None)  # seismo's own; the caller gets its record back as saved
-        if saved is not None:
-            got = flat_checksums(state)
-            bad = [k for k in saved if got.get(k) != saved[k]]
-            if bad or set(got) != set(saved):
-                raise ValueError(f"{len(bad)} array(s) do not match their saved checksums, e.g. {bad[:3]}")
+        state, record, saved = self._read(step, target)
+        mismatch = self._mismatch(state, saved)
+        if mismatch:
+            raise ValueError(mismatch)
         return state, record
 
-    def set_aside(self, step: int, reason: str) -> Path | None:
+    def _read(self, step: int, target: Any) -> tuple[Any, dict[str, Any], dict[str, int] | None]:
+        """This process's read of `step`: the state, the record as saved, and the checksums
+        saved with it (taken out of the record).
+
+        With several processes the read waits for no other process: Orbax's own restore ends
+        with a barrier, which a process whose read failed never reaches, so the others would
+        wait there for it forever. Each process reads its shards with a checkpointer of its
+        own (`active_processes` = itself: no barrier), and the agreement that follows
+        (`restore_latest(agree=...)`) is the barrier."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
+        if jax.process_count() == 1:
+            out = self.manager.restore(step, args=args)
+        else:
+            me = jax.process_index()
+            own = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=own) as reader:
+                out = reader.restore(self.directory / str(step), args=args)
+        state, record = out["state"], dict(out["record"] or {})
+        saved = record.pop("checksums", None)  # seismo's own; the caller gets its record back as saved
+        return state, record, saved
+
+    @staticmethod
+    def _mismatch(state: Any, saved: dict[str, int] | None) -> str | None:
+        """Why the arrays do not match their saved checksums, or None. The checksums are
+        computed over the global arrays, so every process gets the same answer."""
+        if saved is None:
+            return None
+        got = flat_checksums(state)
+        bad = [k for k in saved if got.get(k) != saved[k]]
+        if bad or set(got) != set(saved):
+            return f"{len(bad)} array(s) do not match their saved checksums, e.g. {bad[:3]}"
+        return None
+
+    def set_aside(self, step: int, reason: str, *, everywhere: bool = False) -> Path | None:
         """Rename the folder of `step` aside with a REASON.txt (never deleted). Only the
-        writing process (0) renames; the others just stop using the step."""
+        writing process (0) renames; the others just stop using the step. `everywhere`: every
+        process calls this together (an agreed restore), waits for the rename and lists the
+        checkpoints again, so that all of them save the step anew when the run reaches it."""
+        target = self._rename_aside(step, reason)
+        if everywhere and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"seismo: checkpoint {step} set aside")
+            self.manager.reload()
+        return target
+
+    def _rename_aside(self, step: int, reason: str) -> Path | None:
         folder = self.directory / str(step)
         self.set_aside_steps.append((step, reason))
         if jax.process_index() != 0 or not folder.exists():
@@ -165,21 +205,34 @@ class Checkpointer:
         self.manager.reload()
         return target
 
-    def restore_latest(self, target: Any, steps: Iterable[int] | None = None) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore_latest(self, target: Any, steps: Iterable[int] | None = None,
+                       agree: Callable[[bool], list[int]] | None = None) -> tuple[int, Any, dict[str, Any]] | None:
         """The newest readable checkpoint as (step, state, record), or None when there is none.
-        Unreadable checkpoints are set aside with a `CorruptCheckpointWarning`."""
+        Unreadable checkpoints are set aside with a `CorruptCheckpointWarning`.
+
+        `agree` (several processes, seismo.train.stop.processes_where_false) takes whether
+        this process read a step and returns the processes that could not, the same list on
+        all: a step is used only when none failed and set aside on every process otherwise.
+        Every process must then pass the same `steps`."""
         candidates = sorted(self.steps() if steps is None else steps, reverse=True)
         for step in candidates:
+            reason: str | None = None
             try:
-                state, record = self.restore(step, target)
+                state, record, saved = self._read(step, target)
             except Exception as e:  # noqa: BLE001 - any failure to read means: set it aside, try the previous one
                 reason = f"{type(e).__name__}: {str(e)[:300]}"
-                where = self.set_aside(step, reason)
-                msg = (f"checkpoint at step {step} in {self.directory} could not be read ({reason}); "
-                       + (f"set aside as {where.name}; " if where else "")
-                       + "falling back to the previous checkpoint")
-                warnings.warn(msg, CorruptCheckpointWarning, stacklevel=2)
-                log.warning(msg)
-                continue
-            return step, state, record
+            failed = ([] if reason is None else [jax.process_index()]) if agree is None else agree(reason is None)
+            if not failed:
+                reason = self._mismatch(state, saved)  # the same on every process
+                if reason is None:
+                    return step, state, record
+                reason = f"ValueError: {reason}"
+            elif agree is not None:
+                reason = (f"{reason} " if reason else "") + f"(unreadable on process(es) {failed})"
+            where = self.set_aside(step, reason, everywhere=agree is not None)
+            msg = (f"checkpoint at step {step} in {self.directory} could not be read ({reason}); "
+                   + (f"set aside as {where.name}; " if where else "")
+                   + "falling back to the previous checkpoint")
+            warnings.warn(msg, CorruptCheckpointWarning, stacklevel=2)
+            log.warning(msg)
         return None

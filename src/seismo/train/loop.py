@@ -47,11 +47,12 @@ from seismo.train import engine as engine_lib
 from seismo.train import flops as flops_lib
 from seismo.train import mesh as mesh_lib
 from seismo.train import ownership
+from seismo.train import stop as stop_lib
 from seismo.train.engine import Engine
 from seismo.train.metrics import MetricsWriter, Progress, duration, say
 from seismo.train.profile import PROFILE_DIR, StepProfiler
 from seismo.train.step import TrainState, padded_chunks
-from seismo.train.stop import StopFlag
+from seismo.train.stop import StopAgreement, StopFlag
 
 EXIT_CODES = {"finished": 0, "preempted": 0, "diverged": 3}
 
@@ -406,6 +407,7 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
         for c in cfgs:
             engine_lib.check_config(c)
         mesh_lib.maybe_initialize_distributed(cfgs[0].mesh)
+        agree = StopAgreement(stop)  # across processes: one stop decision, at the same step on every host
         writer_host = jax.process_index() == 0
         mesh, layout = mesh_lib.build_mesh(cfgs[0].mesh)  # mesh, memory and data are checked before anything is written
         cfgs = [c.replace(mesh=layout.resolve(c.mesh)) for c in cfgs]  # config.yaml records the layout used
@@ -413,7 +415,7 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
         engine_lib.check_memory(engine)
         cfgs = list(engine.cfgs)  # with what `auto` resolved to (model.attention_impl), as config.yaml records
         feed = Feed(engine)
-        if stop.requested:  # stopped while starting up: nothing written, nothing to save
+        if agree.at_start():  # stopped while starting up (on any host): nothing written, nothing to save
             return [RunResult(status="preempted", step=0, run_dir=d) for d in run_dirs]
         notices = _claim(cfgs, run_dirs, writer_host, restart, locks)
         runs = []
@@ -433,7 +435,7 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
                     r.warn(step, notice)
                 if layout.note:  # a mesh in device order is never silent
                     r.warn(step, layout.note)
-            clock = _run_steps(engine, feed, runs, state, step, record, stop, stop_at)
+            clock = _run_steps(engine, feed, runs, state, step, record, agree, stop_at)
             results = _finish(runs, clock)
         except Exception as e:
             unwritable = _storage_error(e, runs)
@@ -493,17 +495,24 @@ def _finish(runs: Sequence[PointRun], clock: RunClock | None = None) -> list[Run
 
 
 def _restore(engine: Engine, runs: Sequence[PointRun]) -> tuple[int, TrainState] | None:
-    """The newest step that every run has and can read, and the (stacked) state there; None
-    for runs that have no checkpoint yet. Unreadable checkpoints are set aside on the way
-    (seismo.train.checkpoint); when checkpoints exist but no step can be used, the run is
-    refused rather than started over on top of its record."""
+    """The newest step that every run has and every process can read, and the (stacked) state
+    there; None for runs that have no checkpoint yet. Unreadable checkpoints are set aside on
+    the way (seismo.train.checkpoint); when checkpoints exist but no step can be used, the run
+    is refused rather than started over on top of its record.
+
+    Across processes the choice is agreed (seismo.train.stop): each step is tried newest
+    first, the newest any process lists; it is used when every process read it, and set aside
+    for all when one could not (a host whose view of the storage is stale or failing), so
+    every host restores the same step or every host refuses."""
     had = [r.ckpt.steps() for r in runs]
-    common = sorted(set.intersection(*(set(h) for h in had)), reverse=True)
-    for step in common:
-        restored = [r.ckpt.restore_latest(engine.point_state_shape, steps=[step]) for r in runs]
-        if all(x is not None for x in restored):
+    common = set.intersection(*(set(h) for h in had))
+    while (step := stop_lib.newest_everywhere(max(common, default=-1))) >= 0:
+        common.discard(step)
+        restored = [r.ckpt.restore_latest(engine.point_state_shape, steps=[step], agree=stop_lib.processes_where_false)
+                    for r in runs]
+        if all(x is not None for x in restored):  # the same on every process: each restore was agreed
             return step, engine.stack([x[1] for x in restored])
-    if any(had):
+    if stop_lib.any_process(any(had)):
         where = "; ".join(f"{r.run_dir}: {len(h)} checkpoint(s)" for r, h in zip(runs, had) if h)
         aside = sum(len(r.ckpt.set_aside_steps) for r in runs)
         raise ckpt_lib.NoReadableCheckpoint(
@@ -548,7 +557,7 @@ def _probe_due(cfg: Config, step: int) -> bool:
 
 
 def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: TrainState, step: int, record: dict,
-               stop: StopFlag, stop_at: int | None) -> None:
+               stop: StopAgreement, stop_at: int | None) -> None:
     cfg = engine.cfg
     schedule = ckpt_lib.CheckpointSchedule(cfg.run)
     desc = runs[0].run_dir.name if not engine.vmapped else f"vmapped x{engine.n_points}"
@@ -575,7 +584,7 @@ def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: Trai
                 rec.flush(keep=1)
             if not active():
                 break
-            stopping = stop.requested or step == stop_at
+            stopping = stop(step) or step == stop_at  # asked every step, on every host
             evaluating = step % cfg.run.eval_every == 0 or step == cfg.run.steps
             saving = schedule(step) or stopping or step == cfg.run.steps
             if saving or evaluating:  # a run that diverged before this step is neither saved nor evaluated
