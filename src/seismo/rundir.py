@@ -131,14 +131,15 @@ def check_served(p: str | os.PathLike[str]) -> None:
 def path(p: str | os.PathLike[str]) -> RunPath:
     """One path object for a local path or a URL (module docstring). A path object already
     made by this function comes back as it is; `file://x` is the local path x."""
-    if isinstance(p, pathlib.PurePath) and not isinstance(p, pathlib.Path):
-        return p  # an epath.Path already
+    if isinstance(p, pathlib.PurePath) and not isinstance(p, pathlib.Path) and is_remote(str(p)):
+        return p  # an epath.Path for a URL already
     text = os.fspath(p)
     if is_remote(text):
         check_served(text)
         from etils import epath
 
-        return epath.Path(text)
+        s = scheme(text)
+        return epath.Path(s + text[len(s):])  # GS://b -> gs://b: schemes are case-insensitive
     if text.startswith("file://"):
         text = text[len("file://"):]
     return p if isinstance(p, pathlib.Path) else pathlib.Path(text)

@@ -177,3 +177,23 @@ def test_gs_without_gcsfs_names_the_extra(monkeypatch):
         rundir.path("gs://bucket/run")
     assert rundir.path("runs/x") == Path("runs/x")  # local paths need nothing
     assert rundir.path("file:///tmp/x") == Path("/tmp/x")
+
+
+def test_paths_local_and_remote(tmp_path):
+    assert type(rundir.path(tmp_path / "x")) is type(tmp_path) and rundir.path("a/b") == Path("a/b")
+    remote = rundir.path("GS://bucket/runs/x")  # schemes are case-insensitive
+    assert str(remote) == "gs://bucket/runs/x" and rundir.is_remote(remote)
+    assert rundir.path(remote) is remote and str(remote / "config.yaml") == "gs://bucket/runs/x/config.yaml"
+    assert not rundir.is_remote("./gs:/bucket") and rundir.scheme("file:///tmp/x") is None
+
+
+def test_the_local_writes_keep_their_posix_meaning(tmp_path):
+    f = tmp_path / "status.json"
+    rundir.write_atomic(f, "one")
+    rundir.write_atomic(f, "two")
+    assert f.read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+    rundir.append_text(tmp_path / "m.jsonl", "a\n")
+    rundir.append_text(tmp_path / "m.jsonl", "b\n")
+    assert (tmp_path / "m.jsonl").read_text() == "a\nb\n"
+    assert rundir.create_exclusive(tmp_path / "lock", "me") is True
+    assert rundir.create_exclusive(tmp_path / "lock", "you") is False and (tmp_path / "lock").read_text() == "me"
