@@ -123,3 +123,54 @@ def test_cli_multihost_on_without_a_cluster_is_one_sentence_and_exit_2(tmp_path)
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "mesh.multihost is 'on'" in lines[0] and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sigint_is_passed_on_to_the_sigterm_owner_once_jax_owns_sigterm(monkeypatch):
+    """After jax.distributed.initialize() SIGTERM belongs to JAX's preemption notifier (a C++
+    handler; here a Python stand-in that records it): SIGINT is passed on to it as a SIGTERM,
+    and the flag's restore leaves SIGTERM's owner in place."""
+    import os
+    import signal
+    import threading
+
+    from seismo.train import stop as stop_lib
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    got = []
+    old_term, old_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    monkeypatch.setitem(stop_lib._JAX, "owns_sigterm", False)
+    flag = stop_lib.StopFlag()
+    try:
+        flag.install()
+        notifier = lambda signum, frame: got.append(signum)  # noqa: E731
+        signal.signal(signal.SIGTERM, notifier)  # what jax.distributed.initialize() does in C++
+        flag.yield_sigterm_to_jax()
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # Python runs handlers between bytecodes, soon after delivery
+            if got:
+                break
+        assert got == [signal.SIGTERM] and not flag.requested
+        flag.restore()
+        assert signal.getsignal(signal.SIGTERM) is notifier  # not taken back
+        assert signal.getsignal(signal.SIGINT) == old_int
+        again = stop_lib.StopFlag()
+        again.install()  # a later run in the same process (a sweep) leaves SIGTERM alone too
+        assert signal.getsignal(signal.SIGTERM) is notifier and again.forward_to_jax
+        again.restore()
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
+def test_a_single_process_asks_nobody():
+    from seismo.train import stop as stop_lib
+
+    flag = stop_lib.StopFlag()
+    agree = stop_lib.StopAgreement(flag)
+    assert not agree.multi and not agree.sync and not agree(1) and not agree.at_start()
+    flag.requested = True
+    assert agree(2) and agree.at_start()
+    assert stop_lib.any_process(True) and not stop_lib.any_process(False)
+    assert stop_lib.processes_where_false(False) == [0] and stop_lib.all_processes(True)
+    assert stop_lib.newest_everywhere(7) == 7
