@@ -8,6 +8,7 @@ libtpu (`pip install -e '.[tpu]'`), which CI's environment does not have: they s
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -270,7 +271,7 @@ def test_compile_host_end_to_end(tmp_path, capsys, monkeypatch):
     assert train["headroom_bytes"] == limit - train["peak_bytes"] > 0
     assert rep["step_s_at_mfu"] == pytest.approx(rep["model_flops_per_step"] / (rep["n_devices"] * 1e12 * 0.5))
     assert rep["tokens_per_s_at_mfu"] == pytest.approx(rep["tokens_per_step"] / rep["step_s_at_mfu"])
-    assert f"verdict: fits with {100 * train['headroom_bytes'] / limit:.1f}% headroom" in text
+    assert f"verdict: fits with {math.floor(1000 * train['headroom_bytes'] / limit) / 10:.1f}% headroom" in text
     assert "step time at 50% MFU" in text
 
     monkeypatch.setattr(aot, "host_memory_bytes", lambda device, n: 4096)
@@ -307,7 +308,7 @@ def test_compile_tiny_for_v5e_2x2():
         assert 0 < step["peak_bytes"] < 64 * 2**20 and step["alias_bytes"] > 0 and step["flops"] > 0
     assert report["step_s_at_peak"] == pytest.approx(report["model_flops_per_step"] / 4 / 197e12)
     assert report["step_s_at_mfu"] == pytest.approx(report["step_s_at_peak"] / aot.DEFAULT_MFU)
-    assert report["mesh_layout"] == "physical" and report["verdict"].startswith("fits with 99.")
+    assert report["mesh_layout"] == "physical" and report["verdict"].startswith("fits with 99.9% headroom")
     assert "verdict: fits with" in aot.format_report(report)
 
 

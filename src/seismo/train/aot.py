@@ -495,7 +495,8 @@ def overall_verdict(report: Mapping[str, Any]) -> str:
     if not hbm:
         return "fits (compiled; no memory limit known for these devices)"
     name, tightest = min(steps.items(), key=lambda kv: kv[1]["headroom_bytes"])
-    return (f"fits with {100 * tightest['headroom_bytes'] / hbm:.1f}% headroom ({_bytes(tightest['headroom_bytes'])} "
+    share = math.floor(1000 * tightest["headroom_bytes"] / hbm) / 10  # rounded down: 99.96% is not 100%
+    return (f"fits with {share:.1f}% headroom ({_bytes(tightest['headroom_bytes'])} "
             f"of {_bytes(hbm)} per device free in the {name} step)")
 
 
