@@ -1,6 +1,7 @@
 """Figures and `seismo report` on fake runs and sweeps: every PNG is written and non-empty."""
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -101,3 +102,151 @@ def test_run_report_with_analysis_table(tmp_path, make_run):
         assert_png(path / "figures" / f"{name}.png")
     with pytest.raises(FileNotFoundError, match="neither a run directory"):
         report(tmp_path)
+
+
+# --------------------------------------------------------------------------- drawn as a paper would
+
+
+@pytest.fixture(scope="module")
+def one_size_dir(tmp_path_factory):
+    """The demo's shape: one model size, qk_norm x 3 LRs; no run diverges, and the no-qk-LN LR 0.3
+    run's logit passes 1e4 while the run finishes (as the demo's do)."""
+    from .conftest import write_run
+
+    tmp = tmp_path_factory.mktemp("one_size")
+    base = {"run": {"steps": 200, "probe_every": 20, "eval_every": 50, "log_every": 10},
+            "optimizer": {"warmup_steps": 10}, "model": {"n_heads": 2}}
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "one_size", "base": "base.yaml",
+        "grid": {"model.qk_norm": [False, True], "optimizer.lr": [1e-3, 1e-2, 3e-1]},
+        "report": {"pair": ["qk_norm=false,lr=0.3", "qk_norm=true,lr=0.3"]}}))
+    spec = load_sweep_spec(tmp / "sweep.yaml")
+    out = tmp / "out"
+    write_spec(spec, out)
+    for p in expand(spec):
+        qk, lr = p.values["model.qk_norm"], p.values["optimizer.lr"]
+        growth = 0.005 if qk else (0.06 if lr > 0.1 else 0.01)  # 2 e^{0.06 * 160} > 1e4
+        write_run(run_dir(out, p), p.config, final=2.5 + 0.1 * math.log10(lr / 1e-2) ** 2, growth=growth,
+                  grad=1e-4 / lr ** 0.5)
+    return out
+
+
+def _legend_texts(fig):
+    legends = [*fig.legends, *[ax.get_legend() for ax in fig.axes if ax.get_legend()]]
+    return [t.get_text() for lg in legends for t in lg.get_texts()]
+
+
+def test_ema_is_the_normalised_exponential_kernel():
+    """The recurrence equals the direct sum s_i = sum_j w_ij x_j / sum_j w_ij, w_ij = exp(-(t_i - t_j)/tau),
+    over uneven steps and with a NaN skipped; a constant stays constant."""
+    rng = np.random.default_rng(0)
+    t = np.cumsum(rng.integers(1, 30, size=40)).astype(float)
+    x = rng.normal(3.0, 1.0, size=40)
+    x[7] = np.nan
+    tau = 37.0
+    w = np.exp(-(t[:, None] - t[None, :]) / tau) * (t[None, :] <= t[:, None]) * np.isfinite(x)[None, :]
+    direct = (w * np.nan_to_num(x)[None, :]).sum(1) / w.sum(1)
+    np.testing.assert_allclose(figures.ema(x, t, tau), direct, rtol=1e-12)
+    np.testing.assert_allclose(figures.ema(np.full(5, 2.5), [0, 1, 5, 6, 50]), 2.5)
+    # by hand: rows 1 apart, tau = 1/ln 2 (decay 1/2): [1, (0.5*1 + 3)/1.5, (0.25 + 1.5 + 5)/1.75]
+    np.testing.assert_allclose(figures.ema([1.0, 3.0, 5.0], tau=1 / math.log(2)), [1.0, 3.5 / 1.5, 6.75 / 1.75])
+
+
+def test_labels_come_from_config_values(sweep_dir):
+    assert figures.value_label("model.qk_norm", False) == "qk-layernorm off"
+    assert figures.value_label("model.qk_norm", "True") == "qk-layernorm on"
+    assert figures.series_label(["model.qk_norm", "optimizer.lr"], [False, 0.1]) == "qk-layernorm off, LR 0.1"
+    assert figures.value_label("loss.z_loss", 1e-4) == "z-loss 1e-4"
+    sweep = load_sweep(sweep_dir)
+    pair = {n: sweep.runs[n] for n in ("d_model=32__qk_norm=false__lr=0.1", "d_model=64__qk_norm=true__lr=0.1")}
+    assert list(figures.run_labels(pair).values()) == ["width 32, qk-layernorm off", "width 64, qk-layernorm on"]
+    assert figures.common_label(pair) == "z-loss 0, weight decay 1e-4, LR 0.1"
+    texts = [t for f in (figures.pair_traces(pair), figures.logz_traces(pair),
+                         figures.lr_vs_loss(sweep.results, grid_keys=sweep.grid_keys),
+                         figures.grad_rms(sweep.results, grid_keys=sweep.grid_keys)) for t in _legend_texts(f)]
+    assert texts and not [t for t in texts if re.search(r"\w=\S", t) or "__" in t], texts
+
+
+def test_one_colour_per_group_one_style_per_second_factor(sweep_dir, one_size_dir):
+    """Two sizes: colour = width, line style = qk-layernorm. One size: colour = qk-layernorm."""
+    sweep = load_sweep(sweep_dir)
+    fig = figures.lr_vs_loss(sweep.results, grid_keys=sweep.grid_keys)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines if not ln.get_label().startswith("_")}
+    assert len(lines) == 4
+    by = {(("32" in k.split(";")[0]), "off" in k): (ln.get_color(), ln.get_linestyle()) for k, ln in lines.items()}
+    assert by[(True, True)][0] == by[(True, False)][0] != by[(False, True)][0] == by[(False, False)][0]
+    assert by[(True, True)][1] == by[(False, True)][1] != by[(True, False)][1] == by[(False, False)][1]
+    one = load_sweep(one_size_dir)
+    fig = figures.lr_vs_loss(one.results, grid_keys=one.grid_keys)
+    named = [ln for ln in fig.axes[0].lines if not ln.get_label().startswith("_")]
+    assert [ln.get_label() for ln in named] == ["qk-layernorm off", "qk-layernorm on"]
+    assert named[0].get_color() != named[1].get_color()
+
+
+def test_one_size_leaves_out_degenerate_panels(one_size_dir):
+    one = load_sweep(one_size_dir)
+    assert figures.n_sizes(one.results, grid_keys=one.grid_keys) == 1
+    g = figures.grad_rms(one.results, grid_keys=one.grid_keys)
+    assert len(g.axes) == 1 and g.axes[0].get_xlabel().startswith("peak learning rate")
+    assert any("Gradient RMS vs model size is not drawn" in n for n in figures.figure_notes(g))
+    s = figures.sensitivity_vs_params(one.summary, one.results, grid_keys=one.grid_keys)
+    assert any("LR sensitivity vs model size is not drawn" in n for n in figures.figure_notes(s))
+    assert [t.get_text() for t in s.axes[0].get_xticklabels()] == ["qk-layernorm off", "qk-layernorm on"]
+    text = report(one_size_dir).read_text()
+    assert "figures/lr_sensitivity.png" not in text and "LR sensitivity vs model size is not drawn" in text
+    assert "Gradient RMS vs model size is not drawn" in text and "qk_norm=false__" not in text.split("## All runs")[0]
+    assert_png(one_size_dir / "figures" / "grad_rms.png")
+
+
+def test_threshold_does_not_call_finished_runs_diverged(one_size_dir):
+    one = load_sweep(one_size_dir)
+    pair = {n: one.runs[n] for n in ("qk_norm=false__lr=0.3", "qk_norm=true__lr=0.3")}
+    assert not any(r.diverged for r in pair.values())
+    fig = figures.pair_traces(pair)
+    texts = _legend_texts(fig)
+    crossed = [t for t in texts if t.startswith("qk-layernorm off")]
+    assert crossed == ["qk-layernorm off (above 1e4 from step 160; finished)"], texts
+    assert not [t for t in texts if "diverged" in t and "threshold" not in t]
+    assert "1e4: the paper's divergence threshold" in texts
+    # the train loss: raw faint, its EMA over it
+    ax = fig.axes[0]
+    raw, smooth = ax.lines[0], ax.lines[1]
+    assert raw.get_alpha() < 0.5 and (smooth.get_alpha() or 1.0) == 1.0
+    m = pair["qk_norm=false__lr=0.3"].metrics
+    np.testing.assert_allclose(smooth.get_ydata(), figures.ema(m["loss"], m["step"]))
+
+
+def test_every_axis_and_colour_bar_has_its_unit(sweep_dir, make_run, tmp_path):
+    sweep = load_sweep(sweep_dir)
+    res, keys = sweep.results, sweep.grid_keys
+    pair = {n: sweep.runs[n] for n in list(sweep.runs)[:2]}
+    run = load_run(make_run(tmp_path / "r", growth=0.03))
+    figs = [figures.lr_vs_loss(res, grid_keys=keys), figures.sensitivity_vs_params(sweep.summary, res, grid_keys=keys),
+            figures.grad_rms(res, grid_keys=keys), figures.pair_traces(pair), figures.logz_traces(pair),
+            figures.logit_extrapolation(res, extrapolate_logits(res, 100, [1e6], group_by=["model.qk_norm"])),
+            figures.layer_traces(run.per_layer("attn_logit_max"), "attn_logit_max")]
+    for fig in figs:
+        for ax in fig.axes:
+            for label in (ax.get_xlabel(), ax.get_ylabel()):
+                if label.startswith("training step"):  # a count of optimizer steps
+                    continue
+                assert "(" in label and ")" in label, f"no unit in {label!r}"
+    heat = figures.layer_heatmap(run.per_layer("resid_rms"), "resid_rms")
+    assert heat.axes[1].get_ylabel() == "residual-stream RMS (activation units)"
+    assert figures.metric_label("attn_entropy") == "attention entropy (nats)"
+
+
+def test_log_step_heatmap_gives_every_checkpoint_its_cell():
+    """Steps 0, 1, 2, 4, ..., 64 on a log axis: step 0 one spacing (log10 2) left of step 1, cells
+    of equal width, tick labels that are the steps."""
+    steps = [0, 1, 2, 4, 8, 16, 32, 64]
+    pos = figures.log_step_positions(steps)
+    np.testing.assert_allclose(pos, [-math.log10(2)] + [math.log10(s) for s in steps[1:]])
+    table = pd.DataFrame(np.arange(16.0).reshape(8, 2) + 1, index=pd.Index(steps, name="step"))
+    fig = figures.layer_heatmap(table, "ratio_seq_mean", log=True, log_steps=True)
+    mesh = fig.axes[0].collections[0]
+    edges = np.unique(np.round(mesh.get_coordinates()[..., 0], 9))
+    np.testing.assert_allclose(np.diff(edges), math.log10(2), rtol=1e-6)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1", "10"]
+    assert "one cell per checkpoint" in fig.axes[0].get_xlabel()

@@ -61,11 +61,13 @@ class _Doc:
         """Draw with `make(path)`; a figure that cannot be drawn is named, not fatal."""
         path = self.folder / FIGURES_DIR / f"{name}.png"
         try:
-            make(path)
+            fig = make(path)
         except (KeyError, ValueError, IndexError) as e:
             self.add(f"*{name}: not drawn ({e}).*", "")
             return
         self.add(f"![{caption}]({FIGURES_DIR}/{name}.png)", "", f"*{caption}*", "")
+        for note in figures.figure_notes(fig) if fig is not None else []:
+            self.add(note, "")
 
     def write(self) -> Path:
         path = self.folder / REPORT_FILE
@@ -137,15 +139,19 @@ def sweep_report(sweep_dir: Path) -> Path:
         doc.add("## Final loss vs learning rate", "")
         doc.figure("lr_vs_loss", "Final eval loss vs peak LR; x: diverged (at loss at init); hollow: unfinished",
                    lambda p: figures.lr_vs_loss(results, lr_key, keys, path=p))
-        if "n_params" in summary and summary["n_params"].nunique() > 1:
+        if "n_params" in summary and figures.n_sizes(started, lr_key, keys) > 1:
             doc.figure("lr_sensitivity", "LR sensitivity vs non-embedding parameters",
                        lambda p: figures.sensitivity_vs_params(summary, results, lr_key, keys, path=p))
+        elif len(summary) > 1:
+            doc.add(f"LR sensitivity vs model size is not drawn: this sweep has {figures.one_size_text(started)}; "
+                    "the table above gives the LR sensitivity of each group.", "")
     pair = _pick_pair(results, runs, spec)
     if pair:
         doc.add("## Runs over training", "")
-        doc.figure("pair_traces", "Training loss and layer-0 max attention logit: " + ", ".join(pair),
+        named = "; ".join(figures.run_labels(pair).values())
+        doc.figure("pair_traces", "Training loss and layer-0 max attention logit: " + named,
                    lambda p: figures.pair_traces(pair, path=p))
-        doc.figure("logz", "Training loss and mean log Z of the output logits: " + ", ".join(pair),
+        doc.figure("logz", "Training loss and mean log Z of the output logits: " + named,
                    lambda p: figures.logz_traces(pair, path=p))
     _extrapolation_section(doc, started, keys, lr_key, spec)
     if lr_key in keys and np.isfinite(started.get("grad_rms_mlp0", pd.Series(dtype=float)).astype(float)).any():
