@@ -158,6 +158,10 @@ def test_a_training_run_records_a_fallback(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- real TPU topologies (libtpu)
 
 
+TINY_STEP = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=16", "data.batch_size=8",
+             "data.seq_len=16", "optimizer.warmup_steps=1", "run.steps=2"]
+
+
 def _jax_layout(shape, devs, split):
     from jax.experimental import mesh_utils
 
@@ -178,6 +182,11 @@ def test_split_layouts_on_tpu_topologies(topology, shape):
     assert [d.id for d in arr.reshape(-1)] != [d.id for d in devs]  # not the device order a fallback takes
     for axis in range(3):
         assert all(is_block(g) for g in groups(arr, axis)), (topology, shape, axis)
+    if shape == (4, 2, 2):  # and the real train step compiles on that layout (data, fsdp and tensor all > 1)
+        report = aot.compile_for_topology(config.load(None, TINY_STEP), topology, probes=False,
+                                          mesh=dict(zip(("data", "fsdp", "tensor"), shape)))
+        assert report["mesh_layout"] == "split" and report["mesh"] == {"data": 4, "fsdp": 2, "tensor": 2}
+        assert report["fits"] and report["steps"]["train"]["compiled"]
 
 
 @needs_libtpu
@@ -193,9 +202,7 @@ def test_multislice_layout_on_tpu_topologies_compiles():
         ref = _jax_layout((2, 2, 1), [d for d in devs if d.slice_index == s], False)
         assert [d.id for d in part.reshape(-1)] == [d.id for d in ref.reshape(-1)]
     assert all(is_block(g) for g in groups(arr, 1))
-    tiny = config.load(None, ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=16",
-                              "data.batch_size=8", "data.seq_len=16", "optimizer.warmup_steps=1", "run.steps=2",
-                              "mesh.fsdp=2"])
+    tiny = config.load(None, TINY_STEP + ["mesh.fsdp=2"])
     report = aot.compile_for_topology(tiny, "v5e:2x2", num_slices=2, probes=False)
     assert report["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1} and report["mesh_layout"] == "physical"
     assert report["mesh_dcn"] == [2, 1, 1] and report["steps"]["train"]["compiled"]
