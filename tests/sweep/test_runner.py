@@ -88,6 +88,10 @@ def test_resumed_sequential_sweep_skips_finished_runs(tmp_path, capsys):
     run_sweep(path, out=tmp_path / "out")
     log = capsys.readouterr().out
     assert "1 already done, 1 to run" in log
+    # per-point status and where the sweep stands
+    assert f"    {points[0].name}: skipped (finished already)" in log, log
+    assert f"[1/1] {points[1].name}: started" in log and f"    {points[1].name}: finished at step" in log, log
+    assert "    sweep: 1/1 points done in " in log, log
     assert (run_dir(out, points[0]) / "metrics.jsonl").stat().st_mtime_ns == stamps[points[0].name]
     assert json.loads(status.read_text())["status"] == "finished"
 

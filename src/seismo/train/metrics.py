@@ -152,6 +152,9 @@ def say(message: str) -> None:
     print(f"seismo: {message}", file=sys.stderr, flush=True)
 
 
+MIN_RATE_SPAN_S = 5.0  # the shortest span a progress line measures tokens/s over
+
+
 class Progress:
     """What a person watching a run sees. On a terminal (or with run.progress=on) a tqdm bar
     with loss and throughput, updated at every row. Off a terminal (a log file, a pipe,
@@ -160,7 +163,8 @@ class Progress:
 
         seismo: tiny: step 120/500 (24%), loss 2.3141, 5,120 tokens/s, 41 s elapsed, ETA 2 min 10 s
 
-    tokens/s is measured over the steps since the previous line, the ETA from the rate since
+    tokens/s is measured over the steps since the previous line (since the first step when the
+    previous line is under `MIN_RATE_SPAN_S` old), the ETA from the rate since
     the first step (which includes the compile, and is left out; so is a later compile, `pause`).
     run.progress=off shows
     neither. The compile lines and the end-of-run summary (seismo.train.loop) are printed
@@ -210,8 +214,11 @@ class Progress:
         parts = [f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"]
         if loss is not None:
             parts.append(f"loss {loss:.4f}{note}")
-        if self._last is not None and self.tokens_per_step and step > self._last[1]:
-            parts.append(f"{self.tokens_per_step * (step - self._last[1]) / max(now - self._last[0], 1e-9):,.0f} tokens/s")
+        # over the steps since the last line; over those since the first when that span is short
+        # (a burst of recorded steps, rows fetched in windows, says little about the rate)
+        since = self._last if self._last is not None and now - self._last[0] >= MIN_RATE_SPAN_S else self._first
+        if since is not None and self.tokens_per_step and step > since[1] and now > since[0]:
+            parts.append(f"{self.tokens_per_step * (step - since[1]) / (now - since[0]):,.0f} tokens/s")
         if self._first is None:
             self._first = (now, step)
         else:
