@@ -126,3 +126,12 @@ def test_offline_wandb_run_holds_each_step_once_with_the_values_of_metrics_jsonl
         if s in logits:
             assert math.isclose(it["attn_logit_max/layer_0"], logits[s], rel_tol=1e-5)
     assert (run_dir / "wandb" / trackers.LAST_STEP_FILE).read_text().strip() == "8"
+
+
+def test_a_run_directory_on_object_storage_gets_a_line_and_no_trackers(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = trackers.Trackers(config.load(None, ["run.trackers=[tensorboard]"]), "gs://bucket/run")
+    t.write({"step": 1, "kind": "train", "loss": 1.0})
+    t.close()
+    assert "on object storage" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written locally (no ./gs:/ folder)

@@ -223,8 +223,9 @@ class WandbTracker:
         self.run.finish()
 
 
-def open_trackers(cfg: Config, run_dir: Path) -> list[Tracker]:
-    """The trackers `cfg.run.trackers` names for `run_dir` (jsonl is metrics.jsonl itself)."""
+def open_trackers(cfg: Config, run_dir: Any) -> list[Tracker]:
+    """The trackers `cfg.run.trackers` names for `run_dir` (jsonl is metrics.jsonl itself):
+    local run directories only (a `gs://` one gets a line saying they are off)."""
     out: list[Tracker] = []
     for name in dict.fromkeys(cfg.run.trackers):
         if name == "jsonl":
@@ -234,7 +235,8 @@ def open_trackers(cfg: Config, run_dir: Path) -> list[Tracker]:
                   "only, so it is off for this run (metrics.jsonl has everything)", file=sys.stderr, flush=True)
             continue
         try:
-            out.append(TensorBoardTracker(run_dir) if name == "tensorboard" else WandbTracker(run_dir, cfg))
+            local = Path(run_dir)
+            out.append(TensorBoardTracker(local) if name == "tensorboard" else WandbTracker(local, cfg))
         except Exception as e:  # noqa: BLE001 - a tracker never stops a run; say why it is off
             print(f"seismo: {name} tracker could not start ({type(e).__name__}: {' '.join(str(e).split())}); "
                   "it is off for this run, metrics.jsonl goes on", file=sys.stderr, flush=True)
@@ -245,8 +247,8 @@ class Trackers:
     """The trackers of one run directory, opened on first use; a tracker that fails is
     switched off with one line on stderr."""
 
-    def __init__(self, cfg: Config | None, run_dir: Path):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+    def __init__(self, cfg: Config | None, run_dir: Any):
+        self.cfg, self.run_dir = cfg, run_dir  # a local path, or a URL (seismo.rundir.path), kept as given
         self._open: list[Tracker] | None = None
 
     @property
