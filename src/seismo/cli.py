@@ -189,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="also compile the instrumented step even if run.probe_every is 0")
     probe.add_argument("--no-probe", dest="probes", action="store_false", help="compile only the plain train step")
     c.add_argument("--json", default=None, metavar="PATH", help="also write the reports as JSON")
+    add_import_flag(c)
 
     k = sub.add_parser("config", help="print the resolved config and its parameter count, then exit",
                        description="Resolve a config as `seismo train` does (base files, presets, --set overrides, "
