@@ -24,9 +24,11 @@ at the first step the resumed run records, which makes TensorBoard's readers dis
 earlier events at and past that step (TensorBoard's own restart rule), so the curves read as
 one run with no step twice. W&B accepts each step once per run and in increasing order: the
 resumed run logs only the steps past the last one logged before (kept in
-`<run dir>/wandb/seismo-last-step`); the steps between the checkpoint and that point keep the
-values logged first, which the exact resume reproduces (the same batches, the same
-arithmetic), timings aside.
+`<run dir>/wandb/seismo-last-step`, written with every logged step); the steps between the
+checkpoint and that point keep the values logged first, which the exact resume reproduces (the
+same batches, the same arithmetic), timings aside. (After a hard kill, SIGKILL or a lost
+machine, W&B may not have flushed its last seconds of records to its run file: those steps
+are then missing from W&B, never doubled; metrics.jsonl and TensorBoard have them.)
 
 Only the writer host (process 0) opens trackers. A tracker that fails while running (W&B
 cannot start, say) is switched off with one line on stderr; metrics.jsonl goes on. A config
@@ -47,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from seismo import config as config_lib
 from seismo import rundir
 from seismo.config import Config, ConfigError
 
@@ -183,8 +186,6 @@ class WandbTracker:
         self.resumed_through = self.last_step = self._read_last_step()
         mode = os.environ.get("WANDB_MODE") or "offline"
         group = self.run_dir.parent.parent.name if self.run_dir.parent.name == rundir.RUNS_DIR else None
-        from seismo import config as config_lib
-
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or "seismo", dir=str(self.run_dir), id=run_id,
             resume="allow", name=self.run_dir.name, group=group, mode=mode, reinit="create_new",
@@ -213,13 +214,14 @@ class WandbTracker:
             data[rundir.row_kind(row)] = text
         if data:
             self.run.log(data, step=step)
-            self.last_step = step
+            if step > self.last_step:
+                self.last_step = step
+                (self.dir / LAST_STEP_FILE).write_text(f"{step}\n")  # rows are seldom: at row steps only
 
     def flush(self) -> None:
-        (self.dir / LAST_STEP_FILE).write_text(f"{self.last_step}\n")
+        pass  # W&B writes its run file itself; seismo-last-step follows every logged step
 
     def close(self) -> None:
-        self.flush()
         self.run.finish()
 
 
