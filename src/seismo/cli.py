@@ -1,9 +1,10 @@
-"""The `seismo` command: train, sweep, analyze, report, compile.
+"""The `seismo` command: train, sweep, analyze, report, compile, config.
 
 Every sub-command validates its config before anything compiles; errors are printed as one
 plain sentence (no traceback) and exit with status 2. `seismo train` exits 0 when the run
 finished or was preempted (SIGTERM/SIGINT: it saved and can be resumed), 3 when it diverged.
-`seismo compile` exits 0 when every topology fits, 1 when one does not.
+`seismo compile` exits 0 when every topology fits, 1 when one does not. `seismo config`
+prints the resolved config and its parameter count, and trains nothing.
 """
 
 from __future__ import annotations
