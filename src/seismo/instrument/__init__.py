@@ -15,6 +15,7 @@ from seismo.instrument.dynamics_fit import (
     massive_dynamics,
     peak_time,
 )
+from seismo.instrument.sparsing_law import SparsingLawFit, fit_sparsing_law
 from seismo.instrument.sparsity import (
     CettSearch,
     EverActive,
@@ -54,6 +55,7 @@ from seismo.instrument.weights import condition_number, effective_rank, singular
 __all__ = [
     "CettSearch",
     "DynamicsFit",
+    "SparsingLawFit",
     "EverActive",
     "activation_ratio",
     "attention_entropy",
@@ -69,6 +71,7 @@ __all__ = [
     "ever_active_init",
     "ever_active_update",
     "fit_massive_dynamics",
+    "fit_sparsing_law",
     "inf_norm",
     "kurtosis",
     "kurtosis_stats",

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Extracts the small test data of tests/instrument/data/ from real runs (see its README.md).
+
+    # the layer-0 max attention logit of every probe row of the demo's runs (make demo):
+    python scripts/make_instrument_test_data.py logits runs/qk_layernorm
+    # the per-layer massive-activation ratio over checkpoints of four tiny runs: trains
+    # tests/instrument/data/massive_dynamics_sweep.yaml into SWEEP_DIR if it is not there,
+    # runs `seismo analyze --probes massive` on each run, and keeps ratio_seq_mean:
+    python scripts/make_instrument_test_data.py massive runs/massive_dynamics
+
+Each writes one JSON file into tests/instrument/data/ (a few KB) and prints its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "instrument" / "data"
+SWEEP_FILE = DATA / "massive_dynamics_sweep.yaml"
+
+
+def _rows(run: Path) -> list[dict]:
+    rows = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line of an interrupted run
+            pass
+    return rows
+
+
+def _seismo() -> list[str]:
+    return [sys.executable, "-m", "seismo.cli"]
+
+
+def logits(sweep_dir: Path) -> Path:
+    import yaml
+
+    out = {"source": f"seismo sweep configs/studies/qk_layernorm.yaml --out {sweep_dir.name}",
+           "metric": "attn_logit_max, layer 0, every probe row", "runs": {}}
+    for run in sorted((sweep_dir / "runs").iterdir()):
+        if not (run / "metrics.jsonl").is_file():
+            continue
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        status = json.loads((run / "status.json").read_text())
+        probes = [r for r in _rows(run) if r.get("kind") == "probe" and "attn_logit_max" in r]
+        out["runs"][run.name] = {
+            "qk_norm": cfg["model"]["qk_norm"], "lr": cfg["optimizer"]["lr"], "steps": cfg["run"]["steps"],
+            "probe_every": cfg["run"]["probe_every"], "status": status["status"], "last_step": status["step"],
+            "probe_rows": [[r["step"], float(r["attn_logit_max"][0])] for r in probes],
+        }
+    path = DATA / "qk_layernorm_logits.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return path
+
+
+def massive(sweep_dir: Path) -> Path:
+    import pandas as pd
+
+    if not (sweep_dir / "runs").is_dir():
+        subprocess.run([*_seismo(), "sweep", str(SWEEP_FILE), "--out", str(sweep_dir)], check=True)
+    out = {"source": f"seismo sweep {SWEEP_FILE.relative_to(ROOT)}; seismo analyze RUN --probes massive",
+           "metric": "ratio_seq_mean (massive table: top-1 / median |h| per sequence, mean over sequences)",
+           "runs": {}}
+    for run in sorted((sweep_dir / "runs").iterdir()):
+        subprocess.run([*_seismo(), "analyze", str(run), "--probes", "massive"], check=True)
+        df = pd.read_csv(run / "analysis" / "massive.csv")
+        df = df[(df["metric"] == "ratio_seq_mean") & df["head"].isna() & df["rank"].isna()]
+        out["runs"][run.name] = {
+            str(int(layer)): [[int(s), float(v)] for s, v in g.sort_values("step")[["step", "value"]].to_numpy()]
+            for layer, g in df.groupby("layer")
+        }
+    path = DATA / "massive_ratio_tiny.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["logits", "massive"])
+    p.add_argument("sweep_dir", type=Path)
+    a = p.parse_args()
+    if a.what == "logits" and not (a.sweep_dir / "runs").is_dir():
+        sys.exit(f"{a.sweep_dir}/runs not found: run `make demo` (or seismo sweep configs/studies/qk_layernorm.yaml)")
+    print({"logits": logits, "massive": massive}[a.what](a.sweep_dir))
+
+
+if __name__ == "__main__":
+    main()
