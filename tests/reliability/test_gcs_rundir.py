@@ -144,18 +144,26 @@ def test_a_vmapped_sweep_and_its_report_on_gs(gcs_env, tmp_path):
     assert "figures/" in out["report"]
 
 
-def test_a_second_writer_is_refused_on_gs(gcs_env):
+def test_a_second_writer_is_refused_and_restart_sets_aside_on_gs(gcs_env):
     url = f"gs://{BUCKET}/runs/locked"
-    code = ("import sys; from seismo.train.ownership import RunLock\n"
+    code = ("import sys; from seismo import rundir; from seismo.train.ownership import RunLock, set_aside\n"
             "a = RunLock(sys.argv[1]).acquire()\n"
             "b = RunLock(sys.argv[1])\n"
             "b.me = {**b.me, 'pid': b.me['pid'] + 1, 'host': 'another-host'}\n"
             "try:\n    b.acquire()\nexcept Exception as e:\n    print('REFUSED', type(e).__name__, e)\n"
-            "a.release()\nprint('AFTER', RunLock(sys.argv[1]).acquire().held)\n")
+            "a.release()\nc = RunLock(sys.argv[1]).acquire()\nprint('AFTER', c.held)\nc.release()\n"
+            "d = rundir.path(sys.argv[1])\n(d / 'checkpoints' / '4').mkdir(parents=True, exist_ok=True)\n"
+            "(d / 'checkpoints' / '4' / 'x').write_text('state')\n(d / 'config.yaml').write_text('cfg')\n"
+            "moved = set_aside(sys.argv[1])\n"
+            "print('ASIDE', moved.name, d.exists(), (moved / 'checkpoints' / '4' / 'x').read_text(),"
+            " (moved / 'config.yaml').read_text())\n")
     p = _run(gcs_env, "-c", code, url)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "REFUSED RunDirConflict" in p.stdout and "in use by" in p.stdout, p.stdout
     assert "AFTER True" in p.stdout  # released, then free again
+    # --restart's set-aside on a store: every object moved under <name>.aside-<time>, nothing deleted
+    aside = next(x for x in p.stdout.splitlines() if x.startswith("ASIDE ")).split()
+    assert aside[1].startswith("locked.aside-") and aside[2:] == ["False", "state", "cfg"], p.stdout
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/run", "az://container/run"])
