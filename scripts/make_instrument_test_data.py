@@ -48,6 +48,9 @@ def logits(sweep_dir: Path) -> Path:
             continue
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         status = json.loads((run / "status.json").read_text())
+        if status["status"] not in ("finished", "diverged"):
+            print(f"{run.name}: {status['status']}, left out", file=sys.stderr)
+            continue
         probes = [r for r in _rows(run) if r.get("kind") == "probe" and "attn_logit_max" in r]
         out["runs"][run.name] = {
             "qk_norm": cfg["model"]["qk_norm"], "lr": cfg["optimizer"]["lr"], "steps": cfg["run"]["steps"],

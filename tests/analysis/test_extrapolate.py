@@ -1,4 +1,5 @@
-"""Max-logit extrapolation (Wortsman et al. 2023, arXiv 2309.14322, Fig. 9) and the in-run trend warning."""
+"""Max-logit extrapolation (Wortsman et al. 2023, arXiv 2309.14322, Fig. 9); the in-run trend warning is
+tested in tests/instrument/test_trend.py."""
 
 import math
 
@@ -6,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seismo.analysis import extrapolate_logits, logit_trend_warning
+from seismo.analysis import extrapolate_logits
 
 SIZES = [1e6, 3e6, 1e7, 3e7, 1e8]
 # planted: log10(logit) = c0 + c1 x + c2 x^2 with x = log10(N); LR 1e-2 reaches ~1e5 at N = 1e9, LR 1e-3 stays low
@@ -60,24 +61,3 @@ def test_step_filter_groups_and_too_few_sizes():
     assert two["degree"].iloc[0] == 1, "two sizes give a power law"
     with pytest.raises(KeyError, match="n_params"):
         extrapolate_logits(results_table().drop(columns="n_params"), None, 1e9)
-
-
-def test_trend_warning_fires_on_exponential_growth():
-    steps = np.arange(10, 90, 10)
-    msg = logit_trend_warning(steps, 2.0 * np.exp(0.05 * steps), total_steps=1000)
-    assert msg is not None and "crosses 1e+04 near step" in msg and "qk_norm" in msg
-    cross = math.log(1e4 / 2.0) / 0.05  # ~170
-    assert f"step {cross:.0f}" in msg
-    # the same growth with a short run does not cross before the end
-    assert logit_trend_warning(steps, 2.0 * np.exp(0.05 * steps), total_steps=150) is None
-
-
-def test_trend_warning_quiet_on_flat_falling_noisy_or_short_histories():
-    steps = np.arange(10, 90, 10)
-    rng = np.random.default_rng(0)
-    assert logit_trend_warning(steps, np.full(len(steps), 30.0), total_steps=10_000) is None
-    assert logit_trend_warning(steps, 30.0 * (1 + 0.01 * rng.standard_normal(len(steps))), 1000) is None
-    assert logit_trend_warning(steps, 100.0 * np.exp(-0.01 * steps), 10_000) is None
-    assert logit_trend_warning([10, 20, 30], [1.0, 10.0, 100.0], 1000) is None, "too few points"
-    assert logit_trend_warning([10, 20, 30, 40], [1.0, float("nan"), 10.0, 2e4], 1000).endswith(
-        "a lower LR keeps it down"), "a logit already above the threshold always warns"

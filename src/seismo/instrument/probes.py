@@ -127,7 +127,8 @@ class RunLog(Protocol):
 
     def write(self, row: Mapping[str, Any]) -> None: ...
 
-    def warn(self, step: int, message: str) -> None: ...
+    def warn(self, step: int, message: str, **fields: Any) -> None:
+        """A `warning` row with `message` (and any `fields`), and one plain line for people."""
 
 
 @runtime_checkable
@@ -154,7 +155,8 @@ ProbeFactory = Callable[[Any, Config], StepProbe]  # (model, config) -> probe
 class InstabilityProbes:
     """seismo's default probe: the statistics of the module docstring inside the step; on
     the host, a `probe` row, and a `warning` row when the layer-0 max attention logit trend
-    predicts crossing run.logit_warning_threshold before the run ends (seismo.instrument.trend)."""
+    predicts crossing run.logit_warning_threshold before the run ends, and another when it
+    crosses (seismo.instrument.trend: at most one of each per run)."""
 
     taps = "stats"  # per-layer statistics reduced inside the layers: no maps leave a layer
 
@@ -179,9 +181,9 @@ class InstabilityProbes:
         log.write({"step": step, "kind": "probe", **summary})
         logits = summary.get("attn_logit_max")
         if logits is not None:
-            msg = self.trend.update(step, float(np.asarray(logits).reshape(-1)[0]))
-            if msg:
-                log.warn(step, msg)
+            event = self.trend.update(step, float(np.asarray(logits).reshape(-1)[0]))
+            if event is not None:
+                log.warn(step, event.message, **event.fields())
 
 
 def make_step_probes(model: Any, cfg: Config) -> InstabilityProbes:

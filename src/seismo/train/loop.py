@@ -147,8 +147,10 @@ class PointRun:
     def write(self, row: Mapping[str, Any]) -> None:
         self.writer.write(row)
 
-    def warn(self, step: int, message: str) -> None:
-        self.writer.write({"step": step, "kind": "warning", "warning": message})
+    def warn(self, step: int, message: str, **fields: Any) -> None:
+        """A `warning` row (message and `fields`, e.g. the logit warning's event, value and
+        predicted step: docs/metrics.md) and one plain line on stderr from the writing host."""
+        self.writer.write({"step": step, "kind": "warning", "warning": message, **fields})
         if self.writer.enabled:
             print(f"seismo: warning: {self.run_dir.name}: {message}", file=sys.stderr, flush=True)
 
