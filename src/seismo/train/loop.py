@@ -345,7 +345,8 @@ class RunClock:
         lines = [head]
         for i, r in enumerate(self.runs):
             loss = self.last_loss.get(i)
-            parts = [f"train loss {loss:.4f}"] if loss is not None else []
+            word = "last finite train loss" if r.status == "diverged" else "train loss"
+            parts = [f"{word} {loss:.4f}"] if loss is not None else []
             if r.final_eval is not None:
                 parts.append(f"eval loss {r.final_eval:.4f}")
             lines.append(f"  {r.run_dir}: {r.status} at step {r.step}" + "".join(", " + p for p in parts))
