@@ -115,3 +115,20 @@ def test_sparsing_law_closed_form_values_and_bad_input():
         sl.fit_sparsing_law([1, 2, 3, np.nan], [0.5, 0.4, 0.3, 0.2])
     with pytest.raises(ValueError, match="constant"):
         sl.fit_sparsing_law([1, 2, 3, 4], [0.3] * 4, kind="silu")
+
+
+def test_the_fit_table_records_flags_and_honest_r2(tmp_path):
+    import pandas as pd
+
+    from seismo.analysis import checkpoints as analyze
+    from seismo.instrument import tables
+
+    a = layers()["lr=1e-3/0"]  # the poorest layer: Eq. 9 cannot follow its dip, peak and fall
+    rows = [{"step": s, "layer": 0, "metric": "ratio_seq_mean", "value": v} for s, v in a]
+    (tmp_path / "analysis").mkdir()
+    pd.DataFrame(rows, columns=list(tables.columns("massive"))).to_csv(tmp_path / "analysis" / "massive.csv",
+                                                                       index=False)
+    fit = pd.read_csv(analyze.fit_massive_dynamics_table(tmp_path))
+    direct = dyn.fit_massive_dynamics(a[:, 0], a[:, 1])
+    assert tuple(fit.columns) == analyze.FIT_COLUMNS and fit["r2"][0] == pytest.approx(direct.r2, abs=1e-9)
+    assert "poor_fit" in fit["flags"][0].split(";") and fit["r2"][0] < 0.93

@@ -61,7 +61,7 @@ from seismo.train.ownership import RunLock
 DEFAULT_EVAL_SEQUENCES = 16
 DONE_FILE = "done.json"
 FIT_FILE = "massive_fit.csv"
-FIT_COLUMNS = ("layer", "metric", "n_points", "A", "lam", "gamma", "t0", "K", "r2", "t_peak", "error")
+FIT_COLUMNS = ("layer", "metric", "n_points", "A", "lam", "gamma", "t0", "K", "r2", "t_peak", "flags", "error")
 _FORMAT = 1
 
 __all__ = ["DEFAULT_EVAL_SEQUENCES", "GROUPS", "analyze_run", "fit_massive_dynamics_table", "probe",
@@ -320,8 +320,9 @@ def fit_massive_dynamics_table(run_dir: str | os.PathLike, metric: str = "ratio_
     """Fit Eq. 9 of Gallego-Feliciano et al. 2025 (arXiv 2508.03616) per layer to `metric` of
     analysis/massive.csv over checkpoints; write analysis/massive_fit.csv (one row per layer:
     FIT_COLUMNS, parameters in steps and ratio units) and return its path. Layers with fewer
-    than `min_points` checkpoints (finite values) are skipped; a failed fit keeps its row with
-    empty parameters and the reason in 'error'."""
+    than `min_points` checkpoints (finite values) are skipped; 'flags' lists the fit's flags
+    (DynamicsFit.flags, ';'-joined: ill_conditioned, at_bound, poor_fit, ...); a failed fit keeps
+    its row with empty parameters and the reason in 'error'."""
     df = read_table(run_dir, "massive")
     sub = df[(df["metric"] == metric) & df["head"].isna() & df["rank"].isna()]
     if sub.empty:
@@ -337,8 +338,9 @@ def fit_massive_dynamics_table(run_dir: str | os.PathLike, metric: str = "ratio_
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 fit = fit_massive_dynamics(g["step"].to_numpy(float), g["value"].to_numpy(float))
-            row.update(A=fit.A, lam=fit.lam, gamma=fit.gamma, t0=fit.t0, K=fit.K, r2=fit.r2, t_peak=fit.t_peak)
-        except (RuntimeError, ValueError) as e:  # no convergence, or a constant ratio
+            row.update(A=fit.A, lam=fit.lam, gamma=fit.gamma, t0=fit.t0, K=fit.K, r2=fit.r2, t_peak=fit.t_peak,
+                       flags=";".join(fit.flags), error=fit.error)
+        except ValueError as e:  # a constant ratio
             row["error"] = str(e).splitlines()[0][:200]
         rows.append(row)
     path = rundir.path(run_dir) / ANALYSIS_DIR / FIT_FILE

@@ -1,7 +1,7 @@
 """The Sparsing-Law fits: activation ratio against training tokens (host-side, scipy).
 
 Luo et al. 2024, "Sparsing Law: Towards Large Language Models with Greater Activation
-Sparsity", arXiv 2411.02335, section 4.1 (Eqs. 4 and 5; docs/methods.md §5.2). With D the
+Sparsity", arXiv 2411.02335, Eqs. 4 and 5 and Table 2 (docs/methods.md §5.2). With D the
 number of training tokens in billions, the activation ratio (1 - sparsity, e.g. CETT's
 `cett_activation_ratio`, or `activation_ratio` of `instrument.sparsity`) follows
 
