@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seismo import models
-from seismo.config import DECAY_GROUPS, ModelConfig
+from seismo.config import DECAY_GROUPS, ModelConfig, resolve_scan_unroll
 from seismo.models.transformer import TAP_NAMES
 
 B, T = 2, 8
@@ -82,6 +82,28 @@ def test_scanned_equals_unrolled_on_same_weights(kw):
         np.testing.assert_allclose(ta[name], tb[name], rtol=1e-5, atol=1e-5, err_msg=name)
     restacked = models.stack_layers(flat, cfg.n_layers)
     assert jax.tree.all(jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), restacked, params))
+
+
+def test_scan_unroll_keeps_the_layout_numbers_and_gradients():
+    """`model.scan_unroll` changes how many layers one scan iteration runs, nothing else: the
+    same parameter tree, the same logits, taps and gradients as one layer per iteration."""
+    assert [resolve_scan_unroll(n) for n in (1, 2, 5, 6, 12)] == [1, 2, 5, 1, 1]  # 'auto', by depth
+    cfg = tiny(n_layers=3, attn_bias=True, scan_unroll=1)
+    rolled, params = init(cfg)
+    x, y = tokens(4), tokens(5)
+    loss = lambda m: jax.jit(jax.value_and_grad(lambda p: models.lm_loss(m.apply(p, x)[0], y)[0]))
+    l0, g0 = loss(rolled)(params)
+    _, t0 = rolled.apply(params, x, taps=True)
+    for unroll in (2, 3):
+        model = models.build(dataclasses.replace(cfg, scan_unroll=unroll))
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens())
+        assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(jnp.shape, params)
+        l1, g1 = loss(model)(params)
+        np.testing.assert_allclose(l0, l1, rtol=1e-6)
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), g0, g1)
+        _, t1 = model.apply(params, x, taps=True)
+        for name in TAP_NAMES:
+            np.testing.assert_allclose(t0[name], t1[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_remat_gives_same_numbers_and_gradients():

@@ -103,7 +103,7 @@ def _report(*extra):
 
 
 def test_scanned_step_counts_every_layer():
-    scanned = _report("model.n_layers=4", "model.scan_layers=true")
+    scanned = _report("model.n_layers=4", "model.scan_layers=true", "model.scan_unroll=1")
     unrolled = _report("model.n_layers=4", "model.scan_layers=false")
     s, u = scanned["steps"]["train"], unrolled["steps"]["train"]
     assert s["loop_trips"] == [4, 4] and u["loop_trips"] == []
@@ -116,15 +116,16 @@ def test_scanned_step_counts_every_layer():
 
 
 def test_microbatches_count_in_full():
-    whole = _report("model.n_layers=2", "model.scan_layers=true")["steps"]["train"]
-    split = _report("model.n_layers=2", "model.scan_layers=true", "optimizer.grad_accum_steps=4")["steps"]["train"]
+    whole = _report("model.n_layers=2", "model.scan_layers=true", "model.scan_unroll=1")["steps"]["train"]
+    split = _report("model.n_layers=2", "model.scan_layers=true", "model.scan_unroll=1",
+                    "optimizer.grad_accum_steps=4")["steps"]["train"]
     assert split["loop_trips"] == [4]  # the microbatch scan, with the layer scans inside it
     assert split["flops_once"] < 0.5 * whole["flops"]
     assert split["flops"] == pytest.approx(whole["flops"], rel=0.02)
 
 
 def test_engine_steps_on_cpu_report_the_counted_flops():
-    cfg = config.load(None, [*MICRO, "model.n_layers=3", "run.probe_every=2"])
+    cfg = config.load(None, [*MICRO, "model.n_layers=3", "model.scan_unroll=1", "run.probe_every=2"])
     built = engine.build(cfg, mesh_lib.make_mesh(cfg.mesh))
     for name, (fn, args) in built.lowerable().items():
         got = aot.compile_one(fn, args)
@@ -133,7 +134,7 @@ def test_engine_steps_on_cpu_report_the_counted_flops():
 
 @pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu is not installed: compiling for a TPU topology needs it")
 def test_tpu_step_counts_every_layer():
-    cfg = lambda scan: config.load(None, [*MICRO, "model.n_layers=4", f"model.scan_layers={scan}"])
+    cfg = lambda scan: config.load(None, [*MICRO, "model.n_layers=4", f"model.scan_layers={scan}", "model.scan_unroll=1"])
     scanned = aot.compile_for_topology(cfg("true"), "v5e:2x2")["steps"]["train"]
     unrolled = aot.compile_for_topology(cfg("false"), "v5e:2x2")["steps"]["train"]
     assert scanned["loop_trips"] == [4, 4]  # read off the loop conditions: the TPU compiler records none

@@ -61,6 +61,13 @@ def resolve_scan_layers(n_layers: int) -> bool:
     return n_layers >= SCAN_LAYERS_FROM
 
 
+def resolve_scan_unroll(n_layers: int) -> int:
+    """What `model.scan_unroll: auto` becomes: the whole scan unrolled below SCAN_LAYERS_FROM
+    layers (the scanned layout, and the speed of a Python loop over the blocks), one layer per
+    iteration from there on (compile time flat in depth)."""
+    return n_layers if n_layers < SCAN_LAYERS_FROM else 1
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer. Defaults follow Wortsman et al. 2023 (docs/methods.md §1.1)
@@ -110,6 +117,10 @@ class ModelConfig:
     # the config is made (the same on every backend), so config.yaml records it and a run keeps
     # one checkpoint layout
     scan_layers: bool | Literal["auto"] = True
+    # layers per iteration of the scan (jax.lax.scan's `unroll`; the parameters' layout and the
+    # numbers are the same for every value); 'auto': resolve_scan_unroll(n_layers), when the
+    # model is built (it decides no layout, so it follows the depth of the config it is in)
+    scan_unroll: int | Literal["auto"] = "auto"
     remat: Literal["none", "full", "dots", "dots_no_batch", "attention"] = "none"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
 
@@ -625,6 +636,9 @@ def validate(cfg: Config, origin: str = "config") -> None:
                      "steps, sizes and seeds are int32 on the device")
     if not isinstance(m.scan_layers, bool):  # 'auto' is resolved when the ModelConfig is made
         fail(f"model.scan_layers must be true, false or auto, got {m.scan_layers!r}")
+    if m.scan_unroll != "auto" and (isinstance(m.scan_unroll, bool) or not isinstance(m.scan_unroll, int)
+                                    or m.scan_unroll < 1):
+        fail(f"model.scan_unroll must be a whole number of layers >= 1 or auto, got {m.scan_unroll!r}")
     if m.rope_base <= 1 and m.positions == "rope":
         fail(f"model.rope_base must be greater than 1 (10000 is usual), got {m.rope_base}")
     if m.head_dim is None and m.d_model % m.n_heads:

@@ -39,7 +39,7 @@ CADENCE_KEYS = frozenset({
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.multihost", "mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_tensor",
     "mesh.layout", "run.profile_steps", "run.peak_flops",
     # how the same numbers are computed: attention kernels, rematerialisation, loss chunks
-    "model.attention_impl", "model.attention_block", "model.remat", "loss.chunk",
+    "model.attention_impl", "model.attention_block", "model.remat", "model.scan_unroll", "loss.chunk",
 })
 
 
