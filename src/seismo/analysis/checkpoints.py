@@ -34,6 +34,7 @@ import dataclasses
 import io
 import json
 import os
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -201,9 +202,14 @@ def _drop_unfinished_rows(folder: Path, done: _Done) -> None:
             _write_csv(path, df[keep])
 
 
-def _append(path: Path, df: pd.DataFrame, step: int, group: str) -> None:
-    df = df.copy()
-    df.insert(0, "step", step)
+FLUSH_SECONDS = 10.0  # tables computed for this long are appended at once (and at the end)
+
+
+def _append(path: Path, parts: list[tuple[int, pd.DataFrame]], group: str) -> None:
+    """The rows of several checkpoints, [(step, frame)], appended to one table in one write:
+    the per-write cost of pandas and of the file is paid once, not once per checkpoint."""
+    frames = [f.assign(step=step) for step, f in parts if len(f)] or [parts[0][1].assign(step=parts[0][0])]
+    df = pd.concat(frames, ignore_index=True)
     df = tables.typed(df[list(columns(group))])
     if rundir.is_remote(path):  # an object store has no appends: rundir reads and rewrites it
         rundir.append_text(path, df.to_csv(header=not path.exists(), index=False))
@@ -288,6 +294,20 @@ def _analyze(run_dir: Path, cfg: Any, groups: tuple[str, ...], eval_sequences: i
     ev = data_lib.build(dataclasses.replace(cfg.data, eval_sequences=n), cfg.run.seed).eval_set()
     batch = _as_batch(ev)
     abstract = _abstract_params(model, cfg.data.seq_len)
+    computed: dict[str, list[tuple[int, pd.DataFrame]]] = {}  # tables not yet written
+    marks: list[tuple[int, tuple[str, ...]]] = []  # and the (step, groups) they complete
+
+    def flush() -> None:  # write them, then record them as done (a kill between redoes them)
+        for group, parts in computed.items():
+            _append(folder / f"{group}.csv", parts, group)
+        for step, pending in marks:
+            done.mark(step, pending)
+        if computed or marks:
+            done.save()
+        computed.clear()
+        marks.clear()
+
+    last_flush = time.perf_counter()
     try:
         with _progress(len(todo), f"analyze {run_dir.name}", progress) as bar:
             for step, pending in todo:
@@ -302,14 +322,33 @@ def _analyze(run_dir: Path, cfg: Any, groups: tuple[str, ...], eval_sequences: i
                     bar.update(1)
                     continue
                 done.skipped.pop(str(step), None)
-                for group, df in _compute(model, params, batch, pending, top_k, sink_eps, cett_p).items():
-                    _append(folder / f"{group}.csv", df, step, group)
-                done.mark(step, pending)
-                done.save()
+                with _one_blas_thread():
+                    tables_now = _compute(model, params, batch, pending, top_k, sink_eps, cett_p)
+                for group, df in tables_now.items():
+                    computed.setdefault(group, []).append((step, df))
+                marks.append((step, pending))
+                if time.perf_counter() - last_flush > FLUSH_SECONDS:
+                    flush()
+                    last_flush = time.perf_counter()
                 bar.update(1)
+        flush()
     finally:
         ckpt.close()
     return folder
+
+
+def _one_blas_thread() -> Any:
+    """On a CPU backend, OpenBLAS (scipy's, which serves XLA:CPU's LAPACK calls: the weight
+    SVDs) limited to one thread while a checkpoint is analysed. Its threads otherwise spin
+    against XLA's own on the same cores: on 2 cores the `weights` group's SVDs took 13-940 ms
+    of CPU per call instead of 10-11 ms (benchmarks/RESULTS.md). Elsewhere: no limit."""
+    import contextlib
+
+    if jax.default_backend() != "cpu":
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 # --------------------------------------------------------------------------- Eq. 9 across checkpoints
