@@ -250,3 +250,26 @@ def test_log_step_heatmap_gives_every_checkpoint_its_cell():
     np.testing.assert_allclose(np.diff(edges), math.log10(2), rtol=1e-6)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1", "10"]
     assert "one cell per checkpoint" in fig.axes[0].get_xlabel()
+
+
+def test_sweep_report_without_probe_rows(tmp_path):
+    """A sweep run with run.probe_every 0 has no max logit: the report leaves out the logit
+    sections instead of failing."""
+    import json
+
+    from .conftest import write_run
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"run": {"steps": 100, "probe_every": 20, "eval_every": 50,
+                                                                "log_every": 10}, "optimizer": {"warmup_steps": 10}}))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "no_probes", "base": "base.yaml",
+                                                         "grid": {"loss.z_loss": [0.0, 1e-2], "optimizer.lr": [1e-3]}}))
+    spec = load_sweep_spec(tmp_path / "sweep.yaml")
+    out = tmp_path / "out"
+    write_spec(spec, out)
+    for p in expand(spec):
+        d = write_run(run_dir(out, p), p.config)
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if not r.get("probe")))
+    text = report(out).read_text()
+    assert "figures/logz.png" in text and "Seeing instability coming" not in text and "not drawn (" not in text
+    assert_png(out / "figures" / "logz.png")

@@ -174,6 +174,8 @@ def _extrapolation_section(doc: _Doc, results: pd.DataFrame, keys: list[str], lr
     if lr_key not in keys or "n_params" not in results:
         return
     have = results[np.isfinite(results["attn_logit_max_l0"].astype(float))]
+    if not len(have):  # no probe rows (run.probe_every 0): no max logit to extrapolate
+        return
     sizes, interventions = figures.split_keys(results, lr_key, keys)
     per_group = have.groupby(interventions)["n_params"].nunique() if interventions else have["n_params"].nunique()
     if int(np.max(per_group)) < 2:  # an intervention may add a few parameters; that is not a second size
