@@ -272,4 +272,5 @@ def test_sweep_report_without_probe_rows(tmp_path):
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if not r.get("probe")))
     text = report(out).read_text()
     assert "figures/logz.png" in text and "Seeing instability coming" not in text and "not drawn (" not in text
+    assert "The layer-0 max attention logit is not drawn: these runs recorded no probe rows" in text
     assert_png(out / "figures" / "logz.png")

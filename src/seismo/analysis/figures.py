@@ -131,15 +131,15 @@ def _note(fig: Figure, text: str) -> None:
 def ema(values: Sequence[float], steps: Sequence[float] | None = None, tau: float | None = None) -> np.ndarray:
     """Bias-corrected exponential moving average with a time constant `tau` in steps (rows may be
     unevenly spaced): s_i = sum_{j<=i} w_ij x_j / sum_{j<=i} w_ij, w_ij = exp(-(t_i - t_j) / tau).
-    Non-finite values are skipped (they neither count nor reset). Default tau: a fortieth of the
-    span of `steps`, at least 1.5 logging intervals. Without `steps`, rows are 1 apart."""
+    Non-finite values are skipped (they neither count nor reset). Default tau: a thirtieth of the
+    span of `steps`, at least 2 logging intervals. Without `steps`, rows are 1 apart."""
     x = np.asarray(values, dtype=float)
     t = np.arange(len(x), dtype=float) if steps is None else np.asarray(steps, dtype=float)
     if len(x) == 0:
         return x.copy()
     if tau is None:
         dt = np.median(np.diff(t)) if len(t) > 1 else 1.0
-        tau = max((t[-1] - t[0]) / 40.0, 1.5 * float(dt), 1e-12)
+        tau = max((t[-1] - t[0]) / 30.0, 2.0 * float(dt), 1e-12)
     out = np.full(len(x), np.nan)
     num = den = 0.0
     for i in range(len(x)):
@@ -583,8 +583,11 @@ def pair_traces(runs: Mapping[str, Any], threshold: float = DIVERGENCE_LOGIT,
     e.g. a small and a large model with and without qk-layernorm (Wortsman Fig. 2). The train
     loss is drawn faint with its EMA (`ema`, time constant `smooth_steps`) over it; series are
     named from their config values; the threshold line is the paper's, and only a run whose
-    loss became non-finite is called diverged."""
-    fig, (ax_loss, ax_logit) = _figure(ncols=2, width=5.4, height=4.2)
+    loss became non-finite is called diverged. Runs without probe rows (run.probe_every 0)
+    get the loss panel alone and a note (`figure_notes`)."""
+    has_logit = any("attn_logit_max" in r.probes for r in runs.values())
+    fig, axes = _figure(ncols=2 if has_logit else 1, width=5.4, height=4.2)
+    ax_loss, ax_logit = axes[0], (axes[1] if has_logit else None)
     labels, styles = run_labels(runs), _run_styles(runs)
     shown: dict[str, str] = {}
     for name, run in runs.items():
@@ -597,21 +600,26 @@ def pair_traces(runs: Mapping[str, Any], threshold: float = DIVERGENCE_LOGIT,
             _loss_lines(ax_loss, m, colour, ls, label, smooth_steps)
         if run.diverged and run.diverged_step is not None:
             ax_loss.axvline(run.diverged_step, color=colour, ls=":", lw=1)
-        if logit is not None:
+        if logit is not None and ax_logit is not None:
             ax_logit.plot(logit.index, logit, color=colour, ls=ls, lw=1.4, marker=".", ms=3, label=label)
             if run.diverged and len(logit):
                 ax_logit.plot(logit.index[-1:], logit.iloc[-1:], "x", ms=9, mew=2, color=colour)
-    line = ax_logit.axhline(threshold, color="black", ls=":", lw=1.2,
-                            label=f"{format_value(float(threshold))}: the paper's divergence threshold")
     ax_loss.set_title("Training loss (faint: single batch; line: EMA)", fontsize=10)
     ax_loss.set_ylabel(metric_label("loss"))
-    ax_logit.set_title("Layer-0 max attention logit", fontsize=10)
-    ax_logit.set_ylabel("layer-0 " + metric_label("attn_logit_max"))
-    ax_logit.set_yscale("log")
-    for ax in (ax_loss, ax_logit):
+    extra = []
+    if ax_logit is not None:
+        extra.append(ax_logit.axhline(threshold, color="black", ls=":", lw=1.2,
+                                      label=f"{format_value(float(threshold))}: the paper's divergence threshold"))
+        ax_logit.set_title("Layer-0 max attention logit", fontsize=10)
+        ax_logit.set_ylabel("layer-0 " + metric_label("attn_logit_max"))
+        ax_logit.set_yscale("log")
+    else:
+        _note(fig, "The layer-0 max attention logit is not drawn: these runs recorded no probe rows "
+                   "(run.probe_every 0).")
+    for ax in axes:
         ax.set_xlabel(metric_label("step"))
         ax.grid(True, alpha=0.3)
-    _shared_legend(fig, [*_series_handles(runs, shown, styles), line])
+    _shared_legend(fig, [*_series_handles(runs, shown, styles), *extra])
     if common_label(runs):
         fig.suptitle(f"All runs: {common_label(runs)}", fontsize=9)
     return _save(fig, path)
