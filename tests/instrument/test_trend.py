@@ -99,7 +99,7 @@ def test_demo_runs_that_cross_are_warned_before_they_cross(name):
 
 def test_demo_runs_that_stay_below_the_threshold_never_warn():
     quiet = {n: r for n, r in demo_runs().items() if first_crossing(r["probe_rows"]) is None}
-    assert "qk_norm=false__lr=1e-3" in quiet and len(quiet) >= 4, sorted(quiet)
+    assert "qk_norm=false__lr=1e-3" in quiet and len(quiet) == 10, sorted(quiet)
     for name, run in quiet.items():
         assert replay(run["probe_rows"], run["steps"]) == [], name
 
