@@ -14,6 +14,7 @@ from seismo.models.attention import (
     attention_scale,
     causal_mask,
     clipped_softmax_weights,
+    map_row_stats,
     sigmoid_weights,
     softmax_weights,
 )
@@ -213,3 +214,30 @@ def test_unknown_attention_lists_the_registered_ones():
     with pytest.raises(UnknownNameError, match="softmax"):
         ATTENTIONS.get("sigmod")
     assert {"softmax", "sigmoid", "clipped_softmax", "gated"} <= set(ATTENTIONS.names())
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_softmax_row_stats_without_per_entry_logs_match_float64(scale):
+    """`map_row_stats(..., softmax=True)` takes log Z and the entropy from the row's largest
+    weight (exactly 1/Z) instead of a log per entry: against float64 numpy, also at logits of
+    1e3-1e4 (where lse - sum p z would cancel), with an always-visible slot column 0."""
+    B, H, T = 2, 3, 6
+    S = T + 1
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(B, H, T, S)) * scale
+    mask = causal_mask(T, S)
+    probs = softmax_weights(jnp.asarray(z, jnp.float32), mask[None, None], ModelConfig())
+    got = map_row_stats(jnp.asarray(z, jnp.float32), jnp.asarray(z, jnp.float32), probs, mask, 1, softmax=True)
+    vis = np.asarray(mask)[None, None]
+    zm = np.where(vis, z, -np.inf)
+    lse = np.log(np.sum(np.exp(zm - zm.max(-1, keepdims=True)), -1)) + zm.max(-1)
+    p = np.where(vis, np.exp(zm - lse[..., None]), 0.0)
+    ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), -1)
+    np.testing.assert_allclose(got["attn_logz_mean"], lse.mean(), rtol=1e-5)
+    np.testing.assert_allclose(got["attn_logz_max"], lse.max(), rtol=1e-5)
+    np.testing.assert_allclose(got["attn_entropy"], ent.mean(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["attn_sink_mass"], p[..., 1].mean(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got["attn_row_mass"], 1.0, rtol=1e-5)
+    generic = map_row_stats(jnp.asarray(z, jnp.float32), jnp.asarray(z, jnp.float32), probs, mask, 1)
+    for k in got:
+        np.testing.assert_allclose(got[k], generic[k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -325,7 +325,8 @@ class Attention(nn.Module):
         probs_BxHxTxS = kind.weights(z_BxHxTxS, mask_TxS[None, None], cfg)
         tap(self, "attn_probs", probs_BxHxTxS)
         if mode == "stats":
-            tap_stats(self, map_row_stats(logits_BxHxTxS, z_BxHxTxS, probs_BxHxTxS, mask_TxS, key_slots(cfg)))
+            tap_stats(self, map_row_stats(logits_BxHxTxS, z_BxHxTxS, probs_BxHxTxS, mask_TxS, key_slots(cfg),
+                                          softmax=kind.fused == "softmax"))
         return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(dtype), v.astype(dtype))
 
     def _fused(self, impl: str, q, k, v, slot, kind: AttentionKind, mode: str | None) -> jax.Array:
@@ -421,16 +422,28 @@ def _join_slot(out_BxTxHxK, lse_BxHxT, q_BxTxHxK, slot, fused: str, scale: float
     return out, score_BxHxT
 
 
-def map_row_stats(logits_BxHxTxS, scores_BxHxTxS, probs_BxHxTxS, mask_TxS, offset: int) -> dict[str, jax.Array]:
+def map_row_stats(logits_BxHxTxS, scores_BxHxTxS, probs_BxHxTxS, mask_TxS, offset: int,
+                  softmax: bool = False) -> dict[str, jax.Array]:
     """The per-layer attention statistics of `blockwise.finish_row_stats`, from whole maps:
     logits q.k scale, scores (logits plus ALiBi), the weights used, the causal mask and the
-    index of the first token's key slot."""
+    index of the first token's key slot. `softmax`: the weights are the softmax of the scores
+    over the visible keys, so the row's largest weight is exp(0) / Z exactly: log Z = m - log
+    max p (m the row's largest score), and the entropy is -log max p - sum p (z - m). No
+    per-entry exp or log is needed then (each term is at most log S in size: no cancellation
+    at large logits)."""
     vis = mask_TxS[None, None]
-    lse = jax.nn.logsumexp(jnp.where(vis, scores_BxHxTxS, -jnp.inf), axis=-1)
     mass = jnp.sum(probs_BxHxTxS, axis=-1)
-    safe = jnp.where(mass > 0, mass, 1.0)[..., None]
-    p = jnp.where(mass[..., None] > 0, probs_BxHxTxS / safe, 0.0)
-    entropy = -jnp.sum(xlogy(p, p), axis=-1)
+    if softmax:
+        z_max = jnp.max(jnp.where(vis, scores_BxHxTxS, -jnp.inf), axis=-1)
+        log_p_max = jnp.log(jnp.max(probs_BxHxTxS, axis=-1))
+        lse = z_max - log_p_max
+        spread = jnp.where(vis, scores_BxHxTxS - z_max[..., None], 0.0)
+        entropy = -log_p_max - jnp.sum(probs_BxHxTxS * spread, axis=-1)
+    else:
+        lse = jax.nn.logsumexp(jnp.where(vis, scores_BxHxTxS, -jnp.inf), axis=-1)
+        safe = jnp.where(mass > 0, mass, 1.0)[..., None]
+        p = jnp.where(mass[..., None] > 0, probs_BxHxTxS / safe, 0.0)
+        entropy = -jnp.sum(xlogy(p, p), axis=-1)
     return {
         "attn_logit_max": jnp.max(jnp.where(vis, jnp.abs(logits_BxHxTxS), 0.0)),
         "attn_logz_mean": jnp.mean(lse),
