@@ -166,6 +166,10 @@ def test_labels_come_from_config_values(sweep_dir):
                          figures.lr_vs_loss(sweep.results, grid_keys=sweep.grid_keys),
                          figures.grad_rms(sweep.results, grid_keys=sweep.grid_keys)) for t in _legend_texts(f)]
     assert texts and not [t for t in texts if re.search(r"\w=\S", t) or "__" in t], texts
+    # qk-layernorm's few scale parameters do not make a second tick: one per model size
+    sens = figures.sensitivity_vs_params(sweep.summary, sweep.results, grid_keys=sweep.grid_keys)
+    ticks = sens.axes[0].xaxis.get_major_locator()()
+    assert len(ticks) == 2 and [figures.format_params(t) for t in ticks] == ["24.8k", "98.7k"]
 
 
 def test_one_colour_per_group_one_style_per_second_factor(sweep_dir, one_size_dir):

@@ -323,8 +323,14 @@ def _params_axis(ax: Any, n_params: Sequence[float]) -> None:
     n = np.unique(np.asarray(n_params, dtype=float))
     n = n[np.isfinite(n) & (n > 0)]
     if len(n) and n.max() / n.min() < 10:
-        if n.max() / n.min() < 1.1:  # one size: a single tick, or the labels would overlap
-            n = np.array([np.sqrt(n.min() * n.max())])
+        # counts within 10% of each other are one size (qk-layernorm adds a few scales): one tick
+        clusters: list[list[float]] = []
+        for v in n:
+            if clusters and v < 1.1 * clusters[-1][0]:
+                clusters[-1].append(v)
+            else:
+                clusters.append([v])
+        n = np.array([float(np.sqrt(c[0] * c[-1])) for c in clusters])
         ax.xaxis.set_major_locator(FixedLocator(n if len(n) <= 4 else n[[0, -1]]))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_params(v)))
         ax.xaxis.set_minor_locator(NullLocator())
@@ -426,7 +432,8 @@ def grad_rms(results: pd.DataFrame, lr_key: str = "optimizer.lr", eps: float | N
         ax.grid(True, which="major", alpha=0.3)
     if ax_n is not None:
         _params_axis(ax_n, df["n_params"])
-        _legend(ax_n, [(f"LR {lr:g}", c) for lr, c in zip(lrs, lr_colours)], styles if style_keys else ())
+        _legend(ax_n, [(f"LR {format_value(float(lr))}", c) for lr, c in zip(lrs, lr_colours)],
+                styles if style_keys else ())
         ax_n.set_title("Gradient RMS vs model size")
     _legend(ax_lr, [(lbl, OKABE_ITO[i % len(OKABE_ITO)]) for i, (_, lbl) in enumerate(colour_groups)],
             styles if style_keys else ())
@@ -466,11 +473,11 @@ def logit_extrapolation(results: pd.DataFrame, fits: pd.DataFrame, lr_key: str =
                label=f"{format_value(float(threshold))}: the paper's divergence threshold")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("non-embedding parameters (count, log scale; grey line: largest trained model)")
+    ax.set_xlabel("non-embedding parameters (count, log scale)\ngrey line: the largest trained model")
     ax.set_ylabel("layer-0 " + metric_label("attn_logit_max"))
     ax.set_title("Max attention logit vs size: fit and extrapolation (stars)")
     ax.grid(True, which="major", alpha=0.3)
-    _legend(ax, [(f"LR {lr:g}", c) for lr, c in colours.items()],
+    _legend(ax, [(f"LR {format_value(float(lr))}", c) for lr, c in colours.items()],
             [(_label(group_keys, k), ls) for k, ls in styles.items()] if group_keys else (), outside=True)
     return _save(fig, path)
 
