@@ -224,7 +224,8 @@ def run_report(run_dir: Path) -> Path:
         doc.add("## Probe metrics per layer", "")
     if "attn_logit_max" in probes:
         doc.figure("attn_logit_max_layers", "Max attention logit per layer",
-                   lambda p: figures.layer_traces(run.per_layer("attn_logit_max"), "max attention logit", path=p))
+                   lambda p: figures.layer_traces(run.per_layer("attn_logit_max"), "attn_logit_max",
+                                                  title="Max attention logit per layer", path=p))
     for metric in HEATMAP_METRICS:
         if metric in probes:
             doc.figure(f"{metric}_heatmap", f"{metric}, step x layer",
