@@ -26,6 +26,7 @@ a group gets what a single run gets:
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -188,19 +189,29 @@ def _pack(leaves: list[jax.Array]) -> dict[str, jax.Array]:
     return {k: jnp.concatenate(v) for k, v in by_dtype.items()}
 
 
+# (keys, shapes, dtypes) of a summary -> [(key, dtype name, start, end, shape)]: where each
+# array lies in `_pack`'s vectors (made once per structure: a probe summary keeps its own)
+_PLANS: dict[tuple, list[tuple[str, str, int, int, tuple[int, ...]]]] = {}
+
+
 def _fetch(tree: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
     """`jax.device_get(tree)` for a flat dict of many small arrays (a probe summary: dozens of
     scalars and per-layer vectors), in one device call and one transfer per dtype instead of
     one per array: the same values, split back on the host."""
-    keys = list(tree)
+    keys = tuple(tree)
     leaves = [tree[k] for k in keys]
-    host = {k: np.asarray(v) for k, v in jax.device_get(_pack(leaves)).items()}
-    out, at = {}, dict.fromkeys(host, 0)
-    for k, x in zip(keys, leaves):
-        kind, n = jnp.dtype(x.dtype).name, int(np.prod(x.shape))
-        out[k] = host[kind][at[kind]:at[kind] + n].reshape(x.shape)
-        at[kind] += n
-    return out
+    sig = (keys, tuple((x.shape, x.dtype) for x in leaves))
+    plan = _PLANS.get(sig)
+    if plan is None:
+        plan, at = [], {}
+        for k, x in zip(keys, leaves):
+            kind, n = jnp.dtype(x.dtype).name, math.prod(x.shape)
+            start = at.get(kind, 0)
+            plan.append((k, kind, start, start + n, tuple(x.shape)))
+            at[kind] = start + n
+        _PLANS[sig] = plan
+    host = jax.device_get(_pack(leaves))
+    return {k: host[kind][a:b].reshape(shape) for k, kind, a, b, shape in plan}
 
 
 class Recorder:

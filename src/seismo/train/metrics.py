@@ -25,19 +25,26 @@ from seismo.train.trackers import Trackers
 
 
 def to_jsonable(value: Any) -> Any:
-    """numpy/jax scalars and arrays -> Python floats/ints/lists; NaN and inf -> None."""
+    """numpy/jax scalars and arrays -> Python floats/ints/lists; NaN and inf -> None.
+
+    It runs on every row (a probe row holds dozens of arrays), so the common cases come first
+    and a finite float array becomes its list in one call."""
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        arr = np.asarray(value)
+        if arr.ndim == 0:
+            value = arr.item()
+        elif arr.dtype.kind == "f" and np.isfinite(arr).all():
+            return arr.tolist()
+        else:
+            return to_jsonable(arr.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):
+        return value
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        arr = np.asarray(value)
-        if arr.ndim == 0:
-            value = arr.item()
-        else:
-            return to_jsonable(arr.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     return value
 
 
