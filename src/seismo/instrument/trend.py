@@ -72,7 +72,9 @@ def predict_crossing(
     if np.ptp(s) == 0 or last < v.max():
         return None
     y = np.log(v)
-    slope, intercept = np.polyfit(s, y, 1)
+    ds = s - s.mean()  # the least-squares line in closed form (np.polyfit's, without its SVD)
+    slope = float(np.dot(ds, y - y.mean()) / np.dot(ds, ds))
+    intercept = float(y.mean() - slope * s.mean())
     if not slope > 0:
         return None
     if len(s) >= 3:

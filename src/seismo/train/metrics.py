@@ -99,9 +99,10 @@ class MetricsWriter:
     def write(self, row: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
+        row = to_jsonable(row)  # once, for the file and the trackers
         if self.trackers:
-            self.trackers.write(to_jsonable(row))
-        line = json.dumps(to_jsonable(row), allow_nan=False) + "\n"
+            self.trackers.write(row)
+        line = json.dumps(row, allow_nan=False) + "\n"
         if not self.remote:
             with self.path.open("a") as f:
                 f.write(line)
