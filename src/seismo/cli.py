@@ -219,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config_lib.import_plugins(getattr(args, "imports", ()), where="--import")  # before any config is read
-        return _dispatch(args)
+        code = _dispatch(args)
+        if args.command in ("train", "sweep"):
+            _ignore_sigterm_from_here()
+        return code
     except (ConfigError, DataError, UnknownNameError, StorageUnavailable, FileNotFoundError) as e:
         return _fail(args.command, str(e))
     except OSError as e:  # a read-only run directory, a full disk: nothing is lost, the same command resumes
@@ -228,6 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         return _fail(args.command, f"{e.strerror or e}{where}; if a folder is read-only or the disk is full, fix "
                                    "that (or choose another --run-dir) and run the same command again: it resumes")
+
+
+def _ignore_sigterm_from_here() -> None:
+    """Once a run has saved and returned, a SIGTERM until the process ends is ignored. In a
+    multi-host job a stop reaches the hosts at different moments: a host may get its own
+    SIGTERM after the agreed stop, while it exits. JAX's preemption notifier handles SIGTERM
+    until then, but CPython resets to the default action, when it finalises, every signal
+    that Python code ever set a handler for (our early handler, before JAX took SIGTERM over):
+    a SIGTERM in that window would kill a process that saved and exits 0. An ignored signal
+    is left as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _fail(command: str, message: str) -> int:
