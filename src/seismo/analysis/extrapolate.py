@@ -12,9 +12,9 @@ negative logit; logits also grow multiplicatively (the paper's Fig. 9 has log ax
 space the fit is scale-free, its predictions stay positive, and with two sizes it reduces to
 a power law. `space="linear"` gives the literal quadratic in N for comparison.
 
-`logit_trend_warning` is the in-run version: the trainer calls it on the probe history and
-warns when the recent exponential trend of the logit crosses the threshold before the run
-ends.
+`logit_trend_warning` is the in-run rule on a whole probe history (the trainer runs the same
+rule row by row, `seismo.instrument.trend.LogitTrend`): it warns when the recent exponential
+trend of the logit crosses the threshold before the run ends.
 """
 
 from __future__ import annotations

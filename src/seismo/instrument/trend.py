@@ -45,6 +45,14 @@ INIT_LOGIT = 1.0  # assumed logit at step 0, used only while there is a single p
 METRIC = "attn_logit_max"
 
 
+def _usable(steps: Sequence[float], logits: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The (step, logit) points the trend uses: finite, with a positive logit."""
+    s = np.asarray(steps, dtype=float)
+    v = np.asarray(logits, dtype=float)
+    ok = np.isfinite(s) & np.isfinite(v) & (v > 0)
+    return s[ok], v[ok]
+
+
 def predict_crossing(
     steps: Sequence[float],
     logits: Sequence[float],
@@ -56,10 +64,8 @@ def predict_crossing(
     docstring, or None when it predicts no crossing within the run. Non-finite and
     non-positive points are left out; a logit already above `threshold` returns
     (its step, nan)."""
-    s = np.asarray(steps, dtype=float)
-    v = np.asarray(logits, dtype=float)
-    ok = np.isfinite(s) & np.isfinite(v) & (v > 0)
-    s, v = s[ok][-window:], v[ok][-window:]
+    s, v = _usable(steps, logits)
+    s, v = s[-window:], v[-window:]
     if not len(s):
         return None
     now, last = float(s[-1]), float(v[-1])
@@ -100,10 +106,8 @@ def logit_trend_warning(
     got = predict_crossing(steps, logits, total_steps, threshold, window)
     if got is None:
         return None
-    s = np.asarray(steps, dtype=float)
-    v = np.asarray(logits, dtype=float)
-    ok = np.isfinite(s) & np.isfinite(v) & (v > 0)
-    now, last = float(s[ok][-1]), float(v[ok][-1])
+    s, v = _usable(steps, logits)
+    now, last = float(s[-1]), float(v[-1])
     cross, rate = got
     return _predicted(now, last, cross, rate, total_steps, threshold) if rate == rate else \
         _crossed(now, last, threshold, None)
