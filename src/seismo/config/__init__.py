@@ -200,6 +200,7 @@ class RunConfig:
     probe_every: int = 0  # 0 turns in-step probes off
     checkpoint_every: int = 100  # every N-th step is kept
     checkpoint_log_until: int = 1024  # keep steps 1, 2, 4, ... up to this bound
+    checkpoint_log_points: int = 0  # also keep N distinct steps log-spaced from 1 to run.steps (0: off)
     checkpoint_async: bool = True
     progress: Literal["auto", "on", "lines", "off"] = "auto"  # a bar on a terminal, plain lines off one
     logit_warning_threshold: float = 1e4  # max attention logit predicted to cross -> warning
@@ -621,9 +622,12 @@ def validate(cfg: Config, origin: str = "config") -> None:
         if value < 1:
             fail(f"{name} must be at least 1, got {value}")
     for name, value in [("run.steps", r.steps), ("run.probe_every", r.probe_every),
-                        ("optimizer.warmup_steps", o.warmup_steps)]:
+                        ("optimizer.warmup_steps", o.warmup_steps), ("run.checkpoint_log_points", r.checkpoint_log_points)]:
         if value < 0:
             fail(f"{name} must be 0 or more, got {value}")
+    if r.checkpoint_log_points > r.steps:
+        fail(f"run.checkpoint_log_points ({r.checkpoint_log_points}) exceeds run.steps ({r.steps}): "
+             "at most one checkpoint per step; use at most run.steps points, or 0 to turn them off")
     if d.eval_sequences < 1:
         fail(f"data.eval_sequences must be at least 1 (the evaluation set), got {d.eval_sequences}")
     for section, obj in [("model", m), ("loss", cfg.loss), ("data", d), ("optimizer", o), ("run", r), ("mesh", mesh)]:

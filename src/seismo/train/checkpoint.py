@@ -3,7 +3,9 @@
 Training dynamics change fastest at the start, so the schedule keeps log-spaced early steps
 (1, 2, 4, ... up to `run.checkpoint_log_until`) plus every `run.checkpoint_every`-th step
 plus the last, plus step 0 (the initialisation), and never prunes any of them (the Pythia schedule used by Gallego-Feliciano
-et al. 2025, arXiv 2508.03616, is the same idea). Saves are asynchronous (Orbax
+et al. 2025, arXiv 2508.03616, is the same idea). `run.checkpoint_log_points: N` adds N
+distinct steps log-spaced over the whole run, from 1 to `run.steps` (`log_points`): the
+schedule of a short run whose checkpoints should be evenly spread in log(step). Saves are asynchronous (Orbax
 `CheckpointManager`); a restore lands on whatever mesh the job has now (the target's
 shardings); every array is checked against a checksum saved with it, and an unreadable or
 mismatched checkpoint is set aside (renamed, with its reason; never deleted) and the previous
@@ -41,12 +43,33 @@ def log_spaced_steps(bound: int) -> list[int]:
     return out
 
 
+def log_points(n: int, last: int) -> list[int]:
+    """`n` distinct steps from 1 to `last` (both included when n >= 2), evenly spaced in
+    log(step) where that spacing is at least one step and consecutive where it is not.
+
+    Each step is the geometric step from the one before towards `last` over the points still
+    to place, rounded, and at least one more than the one before: [1, 2, 3, 4, 6, 8, 11, ...].
+    Rounding log-spaced values and dropping duplicates would give fewer than n. n = 1: [1];
+    n <= 0: []. ValueError when n > last (there are not n distinct steps)."""
+    if n <= 0:
+        return []
+    if n > last:
+        raise ValueError(f"{n} distinct steps do not fit between 1 and {last}")
+    out = [1]
+    while len(out) < n:
+        prev, left = out[-1], n - len(out)  # `left` points still to place, the last of them at `last`
+        nxt = max(prev + 1, round(prev * (last / prev) ** (1.0 / left)))
+        out.append(min(nxt, last - left + 1))
+    return out
+
+
 class CheckpointSchedule:
     """Which steps get a checkpoint. Step s means 'the state after s updates'; 0 is the init."""
 
     def __init__(self, run: RunConfig):
         self.every = run.checkpoint_every
-        self.log_steps = frozenset(log_spaced_steps(run.checkpoint_log_until))
+        self.log_steps = frozenset(log_spaced_steps(run.checkpoint_log_until)
+                                   + log_points(run.checkpoint_log_points, run.steps))
         self.last = run.steps
 
     def __call__(self, step: int) -> bool:

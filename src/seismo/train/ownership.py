@@ -35,7 +35,7 @@ LOCK_FILE = ".seismo.lock"
 CADENCE_KEYS = frozenset({
     "run.log_every", "run.eval_every", "run.probe_every", "run.progress", "run.logit_warning_threshold",
     "run.log_seconds", "run.trackers",
-    "run.checkpoint_every", "run.checkpoint_log_until", "run.checkpoint_async",
+    "run.checkpoint_every", "run.checkpoint_log_until", "run.checkpoint_log_points", "run.checkpoint_async",
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.multihost", "mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_tensor",
     "mesh.layout", "run.profile_steps", "run.peak_flops",
     # how the same numbers are computed: attention kernels, rematerialisation, loss chunks
