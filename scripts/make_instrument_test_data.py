@@ -5,7 +5,8 @@
     python scripts/make_instrument_test_data.py logits runs/qk_layernorm
     # the per-layer massive-activation ratio over checkpoints of four tiny runs: trains
     # tests/instrument/data/massive_dynamics_sweep.yaml into SWEEP_DIR if it is not there,
-    # runs `seismo analyze --probes massive` on each run, and keeps ratio_seq_mean:
+    # runs `seismo analyze --probes massive --eval-sequences N` on each run (N: 64 unless
+    # --eval-sequences says otherwise), and keeps ratio_seq_mean:
     python scripts/make_instrument_test_data.py massive runs/massive_dynamics
 
 Each writes one JSON file into tests/instrument/data/ (a few KB) and prints its path.
@@ -22,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "instrument" / "data"
 SWEEP_FILE = DATA / "massive_dynamics_sweep.yaml"
+MASSIVE_EVAL_SEQUENCES = 64  # sequences the ratio is averaged over (the paper: 10; seismo analyze: 16)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -62,16 +64,17 @@ def logits(sweep_dir: Path) -> Path:
     return path
 
 
-def massive(sweep_dir: Path) -> Path:
+def massive(sweep_dir: Path, eval_sequences: int = MASSIVE_EVAL_SEQUENCES) -> Path:
     import pandas as pd
 
     if not (sweep_dir / "runs").is_dir():
         subprocess.run([*_seismo(), "sweep", str(SWEEP_FILE), "--out", str(sweep_dir)], check=True)
-    out = {"source": f"seismo sweep {SWEEP_FILE.relative_to(ROOT)}; seismo analyze RUN --probes massive",
+    analyze = ["--probes", "massive", "--eval-sequences", str(eval_sequences)]
+    out = {"source": f"seismo sweep {SWEEP_FILE.relative_to(ROOT)}; seismo analyze RUN {' '.join(analyze)}",
            "metric": "ratio_seq_mean (massive table: top-1 / median |h| per sequence, mean over sequences)",
-           "runs": {}}
+           "eval_sequences": eval_sequences, "runs": {}}
     for run in sorted((sweep_dir / "runs").iterdir()):
-        subprocess.run([*_seismo(), "analyze", str(run), "--probes", "massive"], check=True)
+        subprocess.run([*_seismo(), "analyze", str(run), *analyze], check=True)
         df = pd.read_csv(run / "analysis" / "massive.csv")
         df = df[(df["metric"] == "ratio_seq_mean") & df["head"].isna() & df["rank"].isna()]
         out["runs"][run.name] = {
@@ -87,10 +90,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["logits", "massive"])
     p.add_argument("sweep_dir", type=Path)
+    p.add_argument("--eval-sequences", type=int, default=MASSIVE_EVAL_SEQUENCES,
+                   help=f"massive: sequences the ratio is averaged over (default {MASSIVE_EVAL_SEQUENCES})")
     a = p.parse_args()
     if a.what == "logits" and not (a.sweep_dir / "runs").is_dir():
         sys.exit(f"{a.sweep_dir}/runs not found: run `make demo` (or seismo sweep configs/studies/qk_layernorm.yaml)")
-    print({"logits": logits, "massive": massive}[a.what](a.sweep_dir))
+    if a.eval_sequences < 1:
+        print(f"--eval-sequences must be at least 1, got {a.eval_sequences}", file=sys.stderr)
+        sys.exit(2)
+    print(logits(a.sweep_dir) if a.what == "logits" else massive(a.sweep_dir, a.eval_sequences))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Eq. 9 multi-start (seismo.instrument.dynamics_fit) on real runs and on planted curves, and the
 Sparsing-Law fits (seismo.instrument.sparsing_law) on planted curves.
 
-tests/instrument/data/massive_ratio_tiny.json: ratio_seq_mean per layer of four tiny runs, 43
-checkpoints over 800 steps (scripts/make_instrument_test_data.py massive; data/README.md)."""
+tests/instrument/data/massive_ratio_tiny.json: ratio_seq_mean (64 evaluation sequences) per layer
+of four tiny runs, 41 checkpoints over 800 steps, step 0 and 40 log-spaced from 1 to 800
+(scripts/make_instrument_test_data.py massive; data/README.md)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def paper_start_r2(t, y):
 
 def test_multistart_on_real_tiny_runs_is_never_worse_and_reports_r2_honestly():
     series = layers()
-    assert len(series) == 8 and all(len(a) == 43 for a in series.values())
+    assert len(series) == 8 and all(len(a) == 41 for a in series.values())
     multi, single = {}, {}
     for name, a in series.items():
         t, y = a[:, 0], a[:, 1]
@@ -52,10 +53,12 @@ def test_multistart_on_real_tiny_runs_is_never_worse_and_reports_r2_honestly():
         assert ("poor_fit" in fit.flags) == (fit.r2 < dyn.POOR_R2), name
         multi[name], single[name] = fit.r2, paper_start_r2(t, y)
         assert multi[name] >= single[name] - 1e-6, name
-    # measured on these layers: the paper's start alone reaches 0.93 on 1 of 8 (one raises maxfev);
-    # the multi-start on 3, with two more at 0.927 and 0.930 (a 10x denser grid finds the same optima)
-    assert sum(r >= 0.93 for r in multi.values()) >= 3 > sum(r >= 0.93 for r in single.values())
-    assert sum(r >= 0.9 for r in multi.values()) >= 6
+    # measured on these layers (lr=1e-2/0, /1, 1e-3/0, /1, 3e-2/0, /1, 3e-3/0, /1): the multi-start
+    # 0.961, 0.979, 0.662, 0.937, 0.900, 0.939, 0.757, 0.946, so 0.93 on 5 of 8 and not the issue's
+    # 7 of 8 (docs/methods.md §4.2: one Eq. 9 curve has one extremum, the low-LR layers have two);
+    # the paper's start alone 0 of 8 (best 0.908; one raises maxfev)
+    assert sum(r >= 0.93 for r in multi.values()) >= 5 and sum(r >= 0.93 for r in single.values()) == 0
+    assert sum(r >= 0.89 for r in multi.values()) >= 6 and min(multi.values()) > 0.6
 
 
 def test_multistart_escapes_the_local_optimum_of_the_paper_start():
