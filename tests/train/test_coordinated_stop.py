@@ -25,7 +25,7 @@ from seismo import config, rundir
 from seismo.train.stop import CHECK_EVERY
 from tiny_run import TINY_RUN
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("multidevice")]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("coordinated_stop")]  # a group of its own: the longest
 
 STEPS = 150
 BASE = [*TINY_RUN, f"run.steps={STEPS}", "optimizer.schedule=constant", f"run.eval_every={STEPS}",
