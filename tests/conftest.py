@@ -34,7 +34,7 @@ def rng() -> np.random.Generator:
 # put the multi-process groups last, one worker running them alone at the end): LONGEST lists
 # the groups that take minutes, longest first, as measured on the 2-core development machine.
 LONGEST = ["coordinated_stop", "notebooks", "train_loop", "multidevice", "sweep_runner", "gcs", "storage",
-           "ownership", "integrity", "signals", "analyze", "bad_input"]
+           "ownership", "progress", "trackers", "integrity", "signals", "analyze", "bad_input"]
 
 
 def _groups(item) -> str:

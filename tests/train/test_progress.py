@@ -16,7 +16,7 @@ from seismo.sweep import runner
 from seismo.train import metrics
 from seismo.train.metrics import Progress, duration
 
-pytestmark = pytest.mark.xdist_group("train_loop")
+pytestmark = pytest.mark.xdist_group("progress")
 
 
 class FakeClock:

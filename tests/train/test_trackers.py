@@ -16,7 +16,7 @@ from seismo.train import trackers
 from seismo.train.loop import train
 from tiny_run import tiny_run
 
-pytestmark = pytest.mark.xdist_group("train_loop")
+pytestmark = pytest.mark.xdist_group("trackers")  # its module fixture, built once
 
 
 def test_per_layer_lists_become_one_scalar_per_layer_named_as_in_metrics_jsonl():
