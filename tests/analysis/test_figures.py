@@ -18,6 +18,8 @@ from seismo.analysis import (
 )
 from seismo.sweep import expand, load_sweep_spec, run_dir, write_spec
 
+pytestmark = pytest.mark.xdist_group("figures")  # the module fixture built once
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -9,6 +9,8 @@ import seismo.data as D
 from seismo.config import DataConfig
 from seismo.data import corpus
 
+pytestmark = pytest.mark.xdist_group("sentencepiece")  # the module fixture built once
+
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):

@@ -10,6 +10,8 @@ import seismo.data as D
 from seismo.config import DataConfig
 from seismo.data import corpus, packed
 
+pytestmark = pytest.mark.xdist_group("stdlib_corpus")  # the module fixture built once
+
 
 @pytest.fixture(scope="module")
 def ds():

@@ -14,6 +14,8 @@ from seismo.models.loss import lm_loss
 from seismo.train import optimizer as opt_lib
 from seismo.train.step import TrainState, make_train_step
 
+pytestmark = pytest.mark.xdist_group("probes")  # the module fixture built once
+
 CFG = config.load(None, [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=16", "model.activation=relu",
     "data.batch_size=2", "data.seq_len=8", "optimizer.lr=1e-2", "optimizer.warmup_steps=0",
