@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
+pytestmark = pytest.mark.xdist_group("gpu_bench")  # the smoke run below, run once
 
 
 def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -19,14 +20,21 @@ def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.multiprocess
-def test_cpu_smoke_writes_table_and_json(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = run_bench("--cpu-smoke", "--only", "kernels", "--json", str(out))
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The docstring's `--cpu-smoke --json` command, every section (kernels, model) in one
+    process: its stdout and the JSON it wrote."""
+    out = tmp_path_factory.mktemp("gpu_bench") / "smoke.json"
+    proc = run_bench("--cpu-smoke", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| D | T | mode |" in proc.stdout and "flash_sigmoid ms" in proc.stdout
+    return proc.stdout, json.loads(out.read_text())
 
-    result = json.loads(out.read_text())
+
+@pytest.mark.multiprocess
+def test_cpu_smoke_writes_table_and_json(smoke):
+    stdout, result = smoke
+    assert "| D | T | mode |" in stdout and "flash_sigmoid ms" in stdout
+
     assert result["cpu_smoke"] and result["machine"]["backend"] == "cpu"
     rows = result["kernels"]["rows"]
     by = {(r["impl"], r["mode"]): r for r in rows}
@@ -47,12 +55,10 @@ def test_unknown_section_is_an_error():
 
 
 @pytest.mark.multiprocess
-def test_cpu_smoke_model_section(tmp_path):
-    out = tmp_path / "model.json"
-    proc = run_bench("--cpu-smoke", "--only", "model", "--json", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| preset | T | batch | impl |" in proc.stdout
-    rows = json.loads(out.read_text())["model"]["rows"]
+def test_cpu_smoke_model_section(smoke):
+    stdout, result = smoke
+    assert "| preset | T | batch | impl |" in stdout
+    rows = result["model"]["rows"]
     assert {r["impl"] for r in rows} == {"explicit", "blockwise", "dot_product"}
     for r in rows:
         assert "error" not in r, r
