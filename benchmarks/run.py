@@ -427,7 +427,7 @@ MICRO = {
                                   "fetch, the row's metrics fetch and write), per step",
     "ref: device_get(loss) per step": "reference: jax.device_get of each finished step's loss (the fetch per "
                                       "step it replaces)",
-    "device_get(probes)": "jax.device_get of the probe dict (finished step)",
+    "device_get(probes)": "the probe summary fetched (one packed vector per dtype) and split (finished step)",
     "write(probe row)": "MetricsWriter.write of the probe row (to_jsonable + json + append)",
     "recorder(metrics, probes)": "loop.Recorder on a probe step: the fetches and the probe's on_step (probe "
                                  "row, logit trend)",
@@ -486,7 +486,8 @@ def micro_costs(bench: Bench, step_calls: int, calls: int = 200) -> dict[str, tu
         jax.block_until_ready(probes)
         bench.step += 1
         if i % 2:
-            host_probes = timed("device_get(probes)", functools.partial(jax.device_get, probes))
+            host_probes = timed("device_get(probes)",
+                                lambda probes=probes: e.unpack_probes(jax.device_get(probes)))
             timed("write(probe row)", functools.partial(bench.writer.write, {"step": bench.step, "kind": "probe",
                                                                              **host_probes}))
         else:

@@ -5,6 +5,7 @@ divergence is recorded at the first non-finite step with nothing after it."""
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,3 +116,43 @@ def test_single_process_batches_are_host_arrays():
     assert all(isinstance(v, np.ndarray) for v in batch.values())
     state, metrics = engine.train_step(engine.init_state(), batch)  # the jitted step places them
     assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_summary_layout_round_trip(lead):
+    """The probe step's summary packed into one vector per dtype inside a jit, fetched and
+    split back: every array exactly as it was, with its shape, dtype and a points axis."""
+    rng = np.random.default_rng(0)
+    summary = {"a": rng.normal(size=lead).astype(np.float32), "b": rng.normal(size=(*lead, 4)).astype(np.float32),
+               "n": rng.integers(0, 9, size=(*lead, 2, 3)).astype(np.int32),
+               "c": rng.normal(size=(*lead, 5)).astype(np.float32)}
+    layout = engine_lib.SummaryLayout(lead)
+    packed = jax.device_get(jax.jit(layout.pack)(summary))
+    assert sorted(packed) == ["float32", "int32"] and packed["float32"].shape == (*lead, 10)
+    got = layout.unpack(packed)
+    assert list(got) == sorted(summary)  # as jit returns a dict
+    for k, v in summary.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape
+        np.testing.assert_array_equal(got[k], v)
+
+
+def test_engine_probe_step_summary_is_the_probes(tmp_path):
+    """engine.probe_step's packed summary, unpacked, is what the probes compute in the step."""
+    from seismo.instrument.probes import make_step_probes
+    from seismo.train import optimizer as opt_lib
+    from seismo.train.step import make_train_step
+
+    cfg = config.load(None, [*TINY, "run.probe_every=1"])
+    engine = engine_lib.build(cfg, mesh_lib.make_mesh(cfg.mesh))
+    state = engine.init_state()
+    batch = loop.Feed(engine).batch(0)
+    model = engine.model
+    tx = opt_lib.build(cfg.optimizer, cfg.model, state.params, cfg.run.steps)
+    ref_step = jax.jit(make_train_step(model, tx, cfg, opt_lib.schedule(cfg.optimizer, cfg.run.steps),
+                                       make_step_probes(model, cfg)))
+    _, _, ref = jax.device_get(ref_step(state, batch))
+    _, _, packed = engine.probe_step(state, batch)
+    got = engine.unpack_probes(jax.device_get(packed))
+    assert list(got) == list(ref) and len(got) > 10
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, atol=0, err_msg=k)

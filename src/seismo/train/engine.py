@@ -4,11 +4,14 @@
     engine = build(cfg, mesh, points=cfgs)           # a vmapped group: a leading points axis
     state = engine.init_state()
     state, metrics = engine.train_step(state, batch)
-    state, metrics, probes = engine.probe_step(state, batch)
+    state, metrics, packed = engine.probe_step(state, batch)
+    probes = engine.unpack_probes(jax.device_get(packed))   # {name: numpy array}
     total, count = engine.eval_step(state.params, batch, row_weights)
 
 `build` makes the model, the optimizer, the state and batch shardings for the mesh, and the
-jitted init, plain, probe and eval steps. Training (seismo.train.loop), vmapped sweeps (the
+jitted init, plain, probe and eval steps. The probe step returns its summary (dozens of
+scalars and per-layer vectors) packed into one vector per dtype, so that the host fetches it
+in one transfer each and the step has a few outputs, not dozens (`SummaryLayout`). Training (seismo.train.loop), vmapped sweeps (the
 same loop with a points axis) and the ahead-of-time check (seismo.train.aot, which lowers the
 very functions built here with abstract arguments) all call it, so what the AOT check
 measures is what training runs.
@@ -126,6 +129,37 @@ def _prefix(sh: NamedSharding) -> NamedSharding:
     return NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec))
 
 
+class SummaryLayout:
+    """Where each array of a probe summary lies in the probe step's packed output: the arrays
+    raveled and joined into one vector per dtype ({dtype name: [n]}, or [P, n] with a leading
+    points axis of P), packed inside the compiled step. The layout is recorded when the step
+    is traced (its summary's structure is known only then), so it exists before the first
+    result does. `unpack` splits fetched vectors back into {name: array} (numpy views)."""
+
+    def __init__(self, lead: tuple[int, ...]):
+        self.lead = lead
+        self.entries: tuple[tuple[str, str, int, int, tuple[int, ...]], ...] | None = None
+
+    def pack(self, summary: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        n_lead = len(self.lead)
+        entries, at, parts = [], {}, {}
+        for key in sorted(summary):  # the order jit gives a returned dict: rows keep their key order
+            x = summary[key]
+            kind, shape = jnp.dtype(x.dtype).name, tuple(x.shape[n_lead:])
+            start = at.get(kind, 0)
+            entries.append((key, kind, start, start + math.prod(shape), shape))
+            at[kind] = start + math.prod(shape)
+            parts.setdefault(kind, []).append(x.reshape((*self.lead, -1)))
+        self.entries = tuple(entries)
+        return {kind: jnp.concatenate(xs, axis=-1) for kind, xs in parts.items()}
+
+    def unpack(self, packed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if self.entries is None:
+            raise RuntimeError("the probe step has not been traced yet: no summary layout")
+        host = {k: np.asarray(v) for k, v in packed.items()}
+        return {key: host[kind][..., a:b].reshape((*self.lead, *shape)) for key, kind, a, b, shape in self.entries}
+
+
 @dataclasses.dataclass
 class Engine:
     """What `build` returns. With `n_points` None the arrays are those of one run; otherwise
@@ -146,6 +180,12 @@ class Engine:
     train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
     probe_step: Callable[..., tuple[TrainState, dict[str, jax.Array], dict[str, jax.Array]]] | None
     eval_step: Callable[..., tuple[jax.Array, jax.Array]]
+    summary_layout: SummaryLayout | None = None  # of the probe step's packed summary
+
+    def unpack_probes(self, packed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The probe step's summary {name: array} from its fetched packed output."""
+        assert self.summary_layout is not None, "this engine has no probe step"
+        return self.summary_layout.unpack(packed)
 
     @property
     def vmapped(self) -> bool:
@@ -252,6 +292,12 @@ def build(cfg: Config, mesh: Mesh, *, points: Sequence[Config] | None = None,
         probe = lambda s, b: jax.vmap(lambda s1, b1, h1: step_one(s1, b1, h1, True))(s, b, hp)
         evaluate = jax.vmap(eval_one, in_axes=(0, None, None))
 
+    layout = SummaryLayout(() if n_points is None else (n_points,)) if probe_fn is not None else None
+
+    def probe_packed(s, b):
+        state, metrics, summary = probe(s, b)
+        return state, metrics, layout.pack(summary)
+
     jit_step = lambda fn, n_out: jax.jit(under_mesh(fn, mesh), in_shardings=(state_sh, batch_sh),
                                          out_shardings=(state_sh, *[repl] * (n_out - 1)), donate_argnums=(0,))
     init_jit = jax.jit(init, out_shardings=state_sh)
@@ -262,7 +308,8 @@ def build(cfg: Config, mesh: Mesh, *, points: Sequence[Config] | None = None,
         probes=run_probes,
         init_state=lambda: init_jit(rngs),
         train_step=jit_step(step, 2),
-        probe_step=jit_step(probe, 3) if probe_fn is not None else None,
+        probe_step=jit_step(probe_packed, 3) if probe_fn is not None else None,
         eval_step=jax.jit(under_mesh(evaluate, mesh), in_shardings=(state_sh.params, eval_batch_sh, eval_batch_sh),
                           out_shardings=repl),
+        summary_layout=layout,
     )

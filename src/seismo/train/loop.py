@@ -26,7 +26,6 @@ a group gets what a single run gets:
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -180,40 +179,6 @@ def _take(tree: Mapping[str, Any], i: int | None) -> dict[str, Any]:
 FETCH_WINDOW = 10  # at most this many steps between two waits for the device (loss fetches)
 
 
-@jax.jit
-def _pack(leaves: list[jax.Array]) -> dict[str, jax.Array]:
-    """The leaves raveled and joined into one vector per dtype (one transfer each)."""
-    by_dtype: dict[str, list[jax.Array]] = {}
-    for x in leaves:
-        by_dtype.setdefault(jnp.dtype(x.dtype).name, []).append(jnp.ravel(x))
-    return {k: jnp.concatenate(v) for k, v in by_dtype.items()}
-
-
-# (keys, shapes, dtypes) of a summary -> [(key, dtype name, start, end, shape)]: where each
-# array lies in `_pack`'s vectors (made once per structure: a probe summary keeps its own)
-_PLANS: dict[tuple, list[tuple[str, str, int, int, tuple[int, ...]]]] = {}
-
-
-def _fetch(tree: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
-    """`jax.device_get(tree)` for a flat dict of many small arrays (a probe summary: dozens of
-    scalars and per-layer vectors), in one device call and one transfer per dtype instead of
-    one per array: the same values, split back on the host."""
-    keys = tuple(tree)
-    leaves = [tree[k] for k in keys]
-    sig = (keys, tuple((x.shape, x.dtype) for x in leaves))
-    plan = _PLANS.get(sig)
-    if plan is None:
-        plan, at = [], {}
-        for k, x in zip(keys, leaves):
-            kind, n = jnp.dtype(x.dtype).name, math.prod(x.shape)
-            start = at.get(kind, 0)
-            plan.append((k, kind, start, start + n, tuple(x.shape)))
-            at[kind] = start + n
-        _PLANS[sig] = plan
-    host = jax.device_get(_pack(leaves))
-    return {k: host[kind][a:b].reshape(shape) for k, kind, a, b, shape in plan}
-
-
 class Recorder:
     """Takes each step's outputs (`add`) and records them in order (`flush`): the losses of
     the pending steps fetched as one array (every step's loss is checked), the whole metrics
@@ -279,7 +244,8 @@ class Recorder:
             metrics = jax.device_get(metrics)
         else:
             metrics = {"loss": losses if self.engine.vmapped else losses[0]}
-        probes = _fetch(probes) if probes is not None else None
+        # the summary comes packed, one vector per dtype (engine.SummaryLayout): one transfer each
+        probes = self.engine.unpack_probes(jax.device_get(probes)) if probes is not None else None
         timing: dict[str, Any] = {}
         if due:
             now = time.perf_counter()
