@@ -33,7 +33,7 @@ def rng() -> np.random.Generator:
 # The groups then go out longest first (xdist's default order is by number of tests, which
 # put the multi-process groups last, one worker running them alone at the end): LONGEST lists
 # the groups that take minutes, longest first, as measured on the 2-core development machine.
-LONGEST = ["coordinated_stop", "notebooks", "train_loop", "multidevice", "sweep_runner", "gcs", "storage",
+LONGEST = ["coordinated_stop", "notebooks", "sweep_runner", "train_loop", "multidevice", "gcs", "storage",
            "ownership", "progress", "trackers", "integrity", "signals", "analyze", "bad_input"]
 
 
