@@ -24,7 +24,7 @@ returns becomes one `probe` row of metrics.jsonl (per-layer values are lists by 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -142,7 +142,9 @@ class StepProbe(Protocol):
     `on_step(step, summary, log)` runs on the host with that dict fetched (numpy), one step
     late, and records what it wants in the run's log. The trainer makes one probe per run
     (`ProbeFactory`), so host-side state is per run; a vmapped group traces point 0's
-    `inside_step` once for all points."""
+    `inside_step` once for all points. A probe with host-side state may also define
+    `resume(rows)`: a resumed run calls it once with the rows it kept up to the restored
+    step (dicts, as in metrics.jsonl), before its first step."""
 
     def inside_step(self, info: StepInfo) -> dict[str, jax.Array]: ...
 
@@ -176,6 +178,10 @@ class InstabilityProbes:
         for name, v in activation_params(info.new_params).items():
             out[f"act/{name}"] = v
         return out
+
+    def resume(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """A resumed run: the logit trend continues from the kept probe and warning rows."""
+        self.trend.restore(rows)
 
     def on_step(self, step: int, summary: Mapping[str, Any], log: RunLog) -> None:
         log.write({"step": step, "kind": "probe", **summary})

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -158,6 +158,23 @@ class LogitTrend:
         self.history: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
         self.predicted_at: int | None = None  # the step of the prediction, once made
         self.crossed = False
+
+    def restore(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Continue from a run's kept rows (a resumed run): the last `window` logits of its
+        probe rows, and what its warning rows already said, so that a resumed run does not
+        warn again about what it warned of before it stopped."""
+        for row in rows:
+            kind = row.get("kind")
+            if kind == "probe":
+                logits = row.get(METRIC)
+                value = logits[0] if isinstance(logits, list) and logits else logits
+                if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+                    self.history.append((int(row["step"]), float(value)))
+            elif kind == "warning" and row.get("metric") == METRIC:
+                if row.get("event") == "logit_predicted":
+                    self.predicted_at = int(row["step"])
+                elif row.get("event") == "logit_crossed":
+                    self.crossed = True
 
     def update(self, step: int, logit: float) -> TrendEvent | None:
         if self.crossed:

@@ -404,6 +404,8 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
             if writer_host:
                 config_lib.dump(c, d / rundir.CONFIG_FILE)
             runs.append(PointRun(c, d, writer_host, engine.probes[i] if engine.probes else None))
+        if writer_host:  # the first line, before the silent part (init, the step-0 eval, the compiles)
+            say(_start_line(engine, runs))
         record = {"data": feed.info, "steps": engine.cfg.run.steps,
                   "attention_impl": engine.cfg.model.attention_impl}
         if vmapped:
@@ -427,6 +429,20 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
         for lock in locks:
             lock.release()
     return results
+
+
+def _start_line(engine: Engine, runs: Sequence[PointRun]) -> str:
+    """What is about to run: 'tiny: 131,392 parameters, 200 steps of 8 x 64 tokens, attention
+    explicit, on 1 cpu device; run directory runs/tiny' (a vmapped group names its points)."""
+    cfg = engine.cfg
+    desc = runs[0].run_dir.name if not engine.vmapped else f"vmapped x{engine.n_points}"
+    n = models.param_count(engine.params_shape)
+    where = (f"run directory {runs[0].run_dir}" if len(runs) == 1
+             else f"{len(runs)} run directories in {runs[0].run_dir.parent}")
+    devices = engine.mesh.size
+    return (f"{desc}: {n:,} parameters{' per run' if engine.vmapped else ''}, {cfg.run.steps} steps of "
+            f"{cfg.data.batch_size} x {cfg.data.seq_len} tokens, attention {cfg.model.attention_impl}, on "
+            f"{devices} {engine.mesh.devices.flat[0].platform} device{'s' if devices > 1 else ''}; {where}")
 
 
 class RunDirUnwritable(OSError):
@@ -508,6 +524,8 @@ def _start(engine: Engine, feed: Feed, runs: Sequence[PointRun], record: dict) -
         kept = [r.writer.truncate_after(step) for r in runs]
         for r, rows in zip(runs, kept):
             r.step = step
+            if r.probe is not None and hasattr(r.probe, "resume"):  # host-side state (the logit trend)
+                r.probe.resume(rows)
             evals = [x["eval_loss"] for x in rows if row_kind(x) == "eval"]
             r.final_eval = evals[-1] if evals else None
         # An eval row due at the restored step is missing when the run was killed between
