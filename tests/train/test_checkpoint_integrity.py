@@ -4,6 +4,7 @@ with its reason, a run whose checkpoints are all unreadable refused instead of s
 and `seismo analyze` skipping a bad checkpoint and naming it."""
 
 import json
+import shutil
 import warnings
 
 import jax.numpy as jnp
@@ -53,6 +54,20 @@ def reference(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """The tiny run stopped at step 4 (checkpoints 0 and 4), trained once: each test corrupts
+    a copy of it (the same files a fresh `train(tiny(), d, stop_at=4)` writes)."""
+    d = tmp_path_factory.mktemp("stopped") / "run"
+    assert train(tiny(), d, stop_at=4).step == 4
+    return d
+
+
+def _stopped_copy(stopped, d):
+    shutil.copytree(stopped, d)
+    assert ckpt_lib.Checkpointer(d / rundir.CHECKPOINTS_DIR).steps() == [0, 4]
+
+
 def _flip_a_data_byte(step_dir):
     files = [f for f in (step_dir / "state").rglob("*") if f.is_file()]
     biggest = max(files, key=lambda f: f.stat().st_size)
@@ -61,9 +76,9 @@ def _flip_a_data_byte(step_dir):
     biggest.write_bytes(bytes(data))
 
 
-def test_a_flipped_byte_is_caught_set_aside_and_the_step_saved_again(tmp_path, reference):
+def test_a_flipped_byte_is_caught_set_aside_and_the_step_saved_again(tmp_path, reference, stopped):
     d = tmp_path / "run"
-    train(tiny(), d, stop_at=4)
+    _stopped_copy(stopped, d)
     _flip_a_data_byte(d / rundir.CHECKPOINTS_DIR / "4")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -76,9 +91,9 @@ def test_a_flipped_byte_is_caught_set_aside_and_the_step_saved_again(tmp_path, r
     assert losses(d) == losses(reference), "resumed from step 0: the same trajectory"
 
 
-def test_all_checkpoints_unreadable_is_refused_not_started_over(tmp_path):
+def test_all_checkpoints_unreadable_is_refused_not_started_over(tmp_path, stopped):
     d = tmp_path / "run"
-    train(tiny(), d, stop_at=4)
+    _stopped_copy(stopped, d)
     for step in (0, 4):
         _flip_a_data_byte(d / rundir.CHECKPOINTS_DIR / str(step))
     before = (d / rundir.METRICS_FILE).read_bytes()
@@ -91,8 +106,6 @@ def test_all_checkpoints_unreadable_is_refused_not_started_over(tmp_path):
 
 
 def test_analyze_skips_a_bad_checkpoint_and_names_it(tmp_path, reference):
-    import shutil
-
     from seismo.analysis import analyze_run, read_table
 
     d = tmp_path / "run"
@@ -108,8 +121,6 @@ def test_analyze_skips_a_bad_checkpoint_and_names_it(tmp_path, reference):
 
 
 def _corrupt(step_dir, kind, rng):
-    import shutil
-
     state = step_dir / "state"
     data = max((f for f in state.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
     if kind == "truncated":
@@ -126,9 +137,10 @@ def _corrupt(step_dir, kind, rng):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "random bytes", "manifest deleted", "state deleted"])
-def test_each_kind_of_corruption_is_set_aside_and_the_run_resumes_exactly(tmp_path, reference, rng, kind):
+def test_each_kind_of_corruption_is_set_aside_and_the_run_resumes_exactly(tmp_path, reference, stopped, rng,
+                                                                             kind):
     d = tmp_path / "run"
-    train(tiny(), d, stop_at=4)
+    _stopped_copy(stopped, d)
     _corrupt(d / rundir.CHECKPOINTS_DIR / "4", kind, rng)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
