@@ -5,6 +5,7 @@ line in metrics.jsonl survives a resume, and a missing final eval row is recompu
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,9 +31,23 @@ def finished(tmp_path_factory):
     return d
 
 
-def test_a_changed_config_is_refused_before_anything_is_written(tmp_path):
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """The tiny run stopped at step 4, trained once: the tests that start from it take a copy
+    (the same files a fresh `train(tiny_run(), d, stop_at=4)` writes)."""
+    d = tmp_path_factory.mktemp("stopped") / "run"
+    assert train(tiny_run(), d, stop_at=4).step == 4
+    return d
+
+
+def _stopped_copy(stopped, d):
+    shutil.copytree(stopped, d)
+    assert json.loads((d / rundir.STATUS_FILE).read_text())["step"] == 4 and not (d / LOCK_FILE).exists()
+
+
+def test_a_changed_config_is_refused_before_anything_is_written(tmp_path, stopped):
     d = tmp_path / "run"
-    train(tiny_run(), d, stop_at=4)
+    _stopped_copy(stopped, d)
     before = {p: p.read_bytes() for p in (d / rundir.METRICS_FILE, d / rundir.CONFIG_FILE)}
     with pytest.raises(RunDirConflict, match=r"optimizer.lr: 0.003 -> 0.01.*--run-dir.*--restart"):
         train(tiny_run("optimizer.lr=1e-2"), d)
@@ -42,11 +57,11 @@ def test_a_changed_config_is_refused_before_anything_is_written(tmp_path):
     assert not (d / LOCK_FILE).exists()
 
 
-def test_cli_refusal_is_one_line_and_restart_sets_the_old_run_aside(tmp_path):
+def test_cli_refusal_is_one_line_and_restart_sets_the_old_run_aside(tmp_path, stopped):
     d = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
     config.dump(tiny_run(), cfg_path)
-    train(tiny_run(), d, stop_at=4)
+    _stopped_copy(stopped, d)
     old_rows = rows(d)
     cmd = [sys.executable, "-m", "seismo.cli", "train", str(cfg_path), "--run-dir", str(d), "--set", "optimizer.lr=1e-2"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -60,9 +75,9 @@ def test_cli_refusal_is_one_line_and_restart_sets_the_old_run_aside(tmp_path):
     assert json.loads((d / rundir.STATUS_FILE).read_text())["status"] == "finished"
 
 
-def test_longer_run_and_cadence_changes_continue(tmp_path, finished):
+def test_longer_run_and_cadence_changes_continue(tmp_path, stopped, finished):
     d = tmp_path / "run"
-    train(tiny_run(), d, stop_at=4)
+    _stopped_copy(stopped, d)
     train(tiny_run("run.log_every=2", "run.eval_every=2"), d, stop_at=6)  # cadence: continues
     result = train(tiny_run("run.steps=12"), d)  # longer: continues, says the horizon moved
     assert result.status == "finished" and result.step == 12
@@ -100,10 +115,10 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path, finish
 BAD_LINES = [b"\xff\xfe not utf-8", b"[1, 2, 3]", b'{"step": "abc"}', b'{"step": 7, "loss": 1.']
 
 
-def test_bad_lines_survive_resume_and_readers(tmp_path, finished):
+def test_bad_lines_survive_resume_and_readers(tmp_path, stopped, finished):
     """Invalid UTF-8, a JSON list, a step that is not a number and a half-written last line."""
     d = tmp_path / "run"
-    train(tiny_run(), d, stop_at=4)
+    _stopped_copy(stopped, d)
     with (d / rundir.METRICS_FILE).open("ab") as f:
         f.write(b"\n".join(BAD_LINES) + b"\n")
     result = train(tiny_run(), d)
@@ -120,8 +135,6 @@ def test_bad_lines_survive_resume_and_readers(tmp_path, finished):
 
 
 def test_a_missing_final_eval_row_is_recomputed(tmp_path, finished):
-    import shutil
-
     d = tmp_path / "run"
     shutil.copytree(finished, d)
     kept = [r for r in rows(d) if not (r["kind"] == "eval" and r["step"] == 8)]  # killed before the last eval
