@@ -487,7 +487,7 @@ def micro_costs(bench: Bench, step_calls: int, calls: int = 200) -> dict[str, tu
         bench.step += 1
         if i % 2:
             host_probes = timed("device_get(probes)",
-                                lambda probes=probes: e.unpack_probes(jax.device_get(probes)))
+                                lambda probes=probes: e.unpack_probes(probes))
             timed("write(probe row)", functools.partial(bench.writer.write, {"step": bench.step, "kind": "probe",
                                                                              **host_probes}))
         else:

@@ -245,7 +245,7 @@ class Recorder:
         else:
             metrics = {"loss": losses if self.engine.vmapped else losses[0]}
         # the summary comes packed, one vector per dtype (engine.SummaryLayout): one transfer each
-        probes = self.engine.unpack_probes(jax.device_get(probes)) if probes is not None else None
+        probes = self.engine.unpack_probes(probes) if probes is not None else None
         timing: dict[str, Any] = {}
         if due:
             now = time.perf_counter()

@@ -24,19 +24,28 @@ from seismo.rundir import METRICS_ASIDE_FILE, METRICS_FILE, STATUS_FILE, parse_r
 from seismo.train.trackers import Trackers
 
 
+def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_finite_or_none(v) for v in x]
+    return x if math.isfinite(x) else None
+
+
 def to_jsonable(value: Any) -> Any:
     """numpy/jax scalars and arrays -> Python floats/ints/lists; NaN and inf -> None.
 
-    It runs on every row (a probe row holds dozens of arrays), so the common cases come first
-    and a finite float array becomes its list in one call."""
-    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    It runs on every row (a probe row holds dozens of arrays), so the common cases come first:
+    an array becomes its list in one `tolist`, and a finite float vector is returned as it is."""
+    if type(value) is np.ndarray or isinstance(value, (np.generic, jax.Array)):
         arr = np.asarray(value)
+        out = arr.tolist()
+        kind = arr.dtype.kind
+        if kind != "f":
+            return out if kind in "biu" else to_jsonable(out)
         if arr.ndim == 0:
-            value = arr.item()
-        elif arr.dtype.kind == "f" and np.isfinite(arr).all():
-            return arr.tolist()
-        else:
-            return to_jsonable(arr.tolist())
+            return out if math.isfinite(out) else None
+        if arr.ndim == 1 and all(map(math.isfinite, out)):
+            return out
+        return _finite_or_none(out)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if value is None or isinstance(value, (str, int)):
@@ -67,6 +76,7 @@ class MetricsWriter:
         self._text: str | None = None  # on a store: metrics.jsonl as last uploaded
         self._pending: list[str] = []
         self._uploaded = time.monotonic()
+        self._file: Any = None  # locally: metrics.jsonl open for appending, flushed after each row
 
     def truncate_after(self, step: int) -> list[dict[str, Any]]:
         """Make the file read as one uninterrupted run up to `step` (the restored checkpoint):
@@ -77,6 +87,7 @@ class MetricsWriter:
         if self.trackers:
             self.trackers.resume(step)
         self._pending = []
+        self._close_file()  # the file is replaced below: a later row opens the new one
         if not (self.enabled and self.path.exists()):
             return []
         kept_lines, kept, aside = [], [], []
@@ -104,8 +115,10 @@ class MetricsWriter:
             self.trackers.write(row)
         line = json.dumps(row, allow_nan=False) + "\n"
         if not self.remote:
-            with self.path.open("a") as f:
-                f.write(line)
+            if self._file is None:
+                self._file = self.path.open("a")
+            self._file.write(line)
+            self._file.flush()  # in the file now: a killed run loses no row it recorded
             return
         self._pending.append(line)
         if time.monotonic() - self._uploaded >= self.REMOTE_UPLOAD_S:
@@ -131,8 +144,14 @@ class MetricsWriter:
         data = {"status": status, "step": step, "time": time.time(), **to_jsonable(extra)}
         rundir.write_atomic(self.status_path, json.dumps(data, indent=1))
 
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def close(self) -> None:
-        """Close the trackers (the end of the run); metrics.jsonl needs no closing."""
+        """Close metrics.jsonl and the trackers (the end of the run)."""
+        self._close_file()
         if self.trackers:
             self.trackers.close()
 
