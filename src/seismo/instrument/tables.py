@@ -280,19 +280,43 @@ class _Rows:
             self.add(metric, v, layer=layer, head=head, **extra)
 
     def frame(self) -> pd.DataFrame:
-        return typed(pd.DataFrame(self.data, columns=list(self.cols)))
+        """The table, its columns typed as `typed` types them, built from typed columns at once
+        (per checkpoint and table: converting the columns of a built frame cost more than
+        computing them)."""
+        return pd.DataFrame({c: _column(c, self.data[c]) for c in self.cols}, columns=list(self.cols))
+
+
+def _int_array(values: list) -> pd.api.extensions.ExtensionArray:
+    """Python ints and None -> a nullable Int64 array (None: an empty cell)."""
+    n = len(values)
+    mask = np.fromiter((v is None for v in values), bool, n)
+    data = np.fromiter((0 if v is None else v for v in values), np.int64, n)
+    return pd.arrays.IntegerArray(data, mask)
+
+
+def _column(name: str, values: list) -> Any:
+    if name in INT_COLUMNS:
+        return _int_array(values)
+    if name == "value":
+        return np.asarray(values, np.float64)
+    if name in STR_COLUMNS:
+        return pd.Series(values, dtype=object)  # not pandas' inferred string dtype: as `typed` gives
+    return values
 
 
 def typed(df: pd.DataFrame) -> pd.DataFrame:
     """Nullable integers for index-like columns (empty cells where a column does not apply),
-    float64 values, strings for names."""
+    float64 values, strings for names. Columns already of their type are left as they are."""
     for c in df.columns:
         if c in INT_COLUMNS:
-            df[c] = pd.array(df[c], dtype="Int64") if len(df) else df[c].astype("Int64")
+            if df[c].dtype != "Int64":
+                df[c] = pd.array(df[c], dtype="Int64") if len(df) else df[c].astype("Int64")
         elif c == "value":
-            df[c] = df[c].astype("float64")
+            if df[c].dtype != np.float64:
+                df[c] = df[c].astype("float64")
         elif c in STR_COLUMNS:
-            df[c] = df[c].astype(object)
+            if df[c].dtype != object:
+                df[c] = df[c].astype(object)
     return df
 
 
