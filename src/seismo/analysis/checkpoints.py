@@ -30,6 +30,7 @@ appended. Rows of steps that done.json does not list (an interrupted run) are dr
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import json
@@ -308,12 +309,18 @@ def _analyze(run_dir: Path, cfg: Any, groups: tuple[str, ...], eval_sequences: i
         marks.clear()
 
     last_flush = time.perf_counter()
+    # The next checkpoint is read (Orbax: files, deserialisation, checksums) on a thread while
+    # this one is analysed; one read at a time, in order, each one's error raised here.
+    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seismo-restore")
+    read = lambda i: reader.submit(_restore_params, ckpt, todo[i][0], abstract) if i < len(todo) else None
     try:
         with _progress(len(todo), f"analyze {run_dir.name}", progress) as bar:
-            for step, pending in todo:
+            ahead = read(0)
+            for i, (step, pending) in enumerate(todo):
                 bar.set_postfix(step=step)
+                this, ahead = ahead, read(i + 1)
                 try:
-                    params = _restore_params(ckpt, step, abstract)
+                    params = this.result()
                 except Exception as e:  # noqa: BLE001 - a bad checkpoint is skipped, named, and the rest analysed
                     reason = f"{type(e).__name__}: {str(e)[:300]}"
                     warnings.warn(f"{run_dir}: checkpoint {step} skipped, it cannot be read ({reason})", stacklevel=2)
@@ -333,6 +340,7 @@ def _analyze(run_dir: Path, cfg: Any, groups: tuple[str, ...], eval_sequences: i
                 bar.update(1)
         flush()
     finally:
+        reader.shutdown(wait=True, cancel_futures=True)  # no read left running when the files close
         ckpt.close()
     return folder
 
