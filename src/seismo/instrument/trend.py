@@ -159,6 +159,10 @@ class LogitTrend:
         self.predicted_at: int | None = None  # the step of the prediction, once made
         self.crossed = False
 
+    def _keep(self, step: int, logit: float) -> None:
+        if math.isfinite(logit) and logit > 0:  # a usable point (`_usable`)
+            self.history.append((step, logit))
+
     def restore(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Continue from a run's kept rows (a resumed run): the last `window` logits of its
         probe rows, and what its warning rows already said, so that a resumed run does not
@@ -168,8 +172,8 @@ class LogitTrend:
             if kind == "probe":
                 logits = row.get(METRIC)
                 value = logits[0] if isinstance(logits, list) and logits else logits
-                if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-                    self.history.append((int(row["step"]), float(value)))
+                if isinstance(value, (int, float)):
+                    self._keep(int(row["step"]), float(value))
             elif kind == "warning" and row.get("metric") == METRIC:
                 if row.get("event") == "logit_predicted":
                     self.predicted_at = int(row["step"])
@@ -179,8 +183,7 @@ class LogitTrend:
     def update(self, step: int, logit: float) -> TrendEvent | None:
         if self.crossed:
             return None
-        if math.isfinite(logit) and logit > 0:
-            self.history.append((step, logit))
+        self._keep(step, logit)
         if math.isfinite(logit) and logit > self.threshold:
             self.crossed = True
             return TrendEvent("logit_crossed", step, logit, self.threshold, None,

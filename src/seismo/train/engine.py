@@ -11,17 +11,17 @@
 `build` makes the model, the optimizer, the state and batch shardings for the mesh, and the
 jitted init, plain, probe and eval steps. The probe step returns its summary (dozens of
 scalars and per-layer vectors) packed into one vector per dtype, so that the host fetches it
-in one transfer each and the step has a few outputs, not dozens (`SummaryLayout`). Training (seismo.train.loop), vmapped sweeps (the
-same loop with a points axis) and the ahead-of-time check (seismo.train.aot, which lowers the
-very functions built here with abstract arguments) all call it, so what the AOT check
-measures is what training runs.
+in one transfer each and the step has a few outputs, not dozens (`SummaryLayout`). Training
+(seismo.train.loop), vmapped sweeps (the same loop with a points axis) and the ahead-of-time
+check (seismo.train.aot, which lowers the very functions built here with abstract arguments)
+all call it, so what the AOT check measures is what training runs.
 
 A vmapped group is a set of configs that differ only in scalar hyperparameters
 (`VMAPPABLE_KEYS`: peak LR, weight decay, z-loss coefficient, seed). The hyperparameters
-become one constant vector per key, the train state gets a leading points axis, and
-`jax.vmap` runs the points together, as in the LR sweeps of Wortsman et al. 2023 (arXiv
-2309.14322, section 2; docs/methods.md §1.2). The points axis is never sharded: every other axis
-keeps the sharding it has in a single run, so a group runs on any mesh a single run does.
+become one constant vector per key, the train state gets a leading points axis, and `jax.vmap`
+runs the points together, as in the LR sweeps of Wortsman et al. 2023 (arXiv 2309.14322,
+section 2; docs/methods.md §1.2). The points axis is never sharded: every other axis keeps the
+sharding it has in a single run, so a group runs on any mesh a single run does.
 """
 
 from __future__ import annotations
@@ -160,13 +160,7 @@ class SummaryLayout:
         if self.entries is None:
             raise RuntimeError("the probe step has not been traced yet: no summary layout")
         host = {k: np.asarray(v) for k, v in packed.items()}
-        if self.lead:
-            return {key: host[kind][..., a:b].reshape(shape) for key, kind, a, b, shape in self.entries}
-        out = {}
-        for key, kind, a, b, shape in self.entries:  # per step: the cheapest slicing first
-            part = host[kind][a:b]
-            out[key] = part if len(shape) == 1 else part.reshape(shape)
-        return out
+        return {key: host[kind][..., a:b].reshape(shape) for key, kind, a, b, shape in self.entries}
 
 
 @dataclasses.dataclass

@@ -431,11 +431,16 @@ def _train(cfgs: list[Config], run_dirs: list[Path], *, vmapped: bool, probe: Pr
     return results
 
 
+def _desc(engine: Engine, runs: Sequence[PointRun]) -> str:
+    """How the lines on stderr name a run: its directory's name, or 'vmapped xN' for a group."""
+    return runs[0].run_dir.name if not engine.vmapped else f"vmapped x{engine.n_points}"
+
+
 def _start_line(engine: Engine, runs: Sequence[PointRun]) -> str:
     """What is about to run: 'tiny: 131,392 parameters, 200 steps of 8 x 64 tokens, attention
     explicit, on 1 cpu device; run directory runs/tiny' (a vmapped group names its points)."""
     cfg = engine.cfg
-    desc = runs[0].run_dir.name if not engine.vmapped else f"vmapped x{engine.n_points}"
+    desc = _desc(engine, runs)
     n = models.param_count(engine.params_shape)
     where = (f"run directory {runs[0].run_dir}" if len(runs) == 1
              else f"{len(runs)} run directories in {runs[0].run_dir.parent}")
@@ -558,7 +563,7 @@ def _run_steps(engine: Engine, feed: Feed, runs: Sequence[PointRun], state: Trai
                stop: StopAgreement, stop_at: int | None) -> None:
     cfg = engine.cfg
     schedule = ckpt_lib.CheckpointSchedule(cfg.run)
-    desc = runs[0].run_dir.name if not engine.vmapped else f"vmapped x{engine.n_points}"
+    desc = _desc(engine, runs)
     speak = runs[0].writer.enabled  # progress, compile lines and the summary on the writer host only
     progress = Progress(cfg.run.steps, step, cfg.run.progress if speak else "off", desc=desc,
                         log_seconds=cfg.run.log_seconds,
