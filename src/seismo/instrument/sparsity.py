@@ -215,7 +215,7 @@ def cett_curve(acts_LxNxF: ArrayLike | Sequence[ArrayLike],
     acts, w_outs = _stacked(acts_LxNxF), _stacked(w_outs_LxFxD)
     _check_layers(acts, w_outs)
     norms_LxNxF = np.asarray(_layer_norms(acts, w_outs))
-    order_LxNxF = np.argsort(norms_LxNxF, axis=-1).astype(np.int32)  # each token's outputs, increasing
+    order_LxNxF = _sort_nonnegative(norms_LxNxF)[1].astype(np.int32)  # each token's outputs, increasing
     ratio_LxNxF1 = _layer_token_cett(acts, w_outs, jnp.asarray(order_LxNxF))  # dispatched: runs meanwhile
     sorts = [_sort_nonnegative(n.reshape(-1)) for n in norms_LxNxF]  # all outputs of a layer, increasing
     ratio_LxNxF1 = np.asarray(ratio_LxNxF1)
