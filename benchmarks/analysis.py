@@ -51,22 +51,27 @@ def variants() -> dict[str, tuple[list[str] | None, float | None]]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--eval-sequences", type=int, default=16)
-    ap.add_argument("--checkpoints", type=int, default=9, help="log-spaced: 0, 1, 2, 4, ... (at least 3)")
-    ap.add_argument("--variants", default=",".join(variants()), help="comma-separated, from: %(default)s")
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    chosen = args.variants.split(",")
-    unknown = [v for v in chosen if v not in variants()]
-    if unknown:
-        ap.error(f"unknown variants {unknown}; valid: {', '.join(variants())}")
-    steps = 2 ** (args.checkpoints - 2)
+GOAL = 30.0  # issue 10 item 7: at most 30 eval-forward equivalents per checkpoint ("all", CETT search included)
+
+
+def measure(eval_sequences: int = 16, checkpoints: int = 9, chosen: list[str] | None = None,
+            repeats: int = 3) -> dict[str, np.ndarray]:
+    """Print the table and return {variant: rows [repeats, 8]}: all-checkpoints and first-two
+    wall (s), marginal wall and CPU per checkpoint (s), forward wall and CPU (s), and the
+    marginal cost in forward passes, wall and CPU."""
+    chosen = list(variants()) if chosen is None else chosen
+    steps = 2 ** (checkpoints - 2)
     cfg = config.load("configs/tiny.yaml", [f"run.steps={steps}", f"run.checkpoint_log_until={steps}",
                                             f"run.checkpoint_every={steps}", "run.probe_every=0",
                                             "run.progress=off", "run.checkpoint_async=false"])
     root = Path(tempfile.mkdtemp())
+    try:
+        return _measure(cfg, root, eval_sequences, chosen, repeats)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _measure(cfg, root: Path, eval_sequences: int, chosen: list[str], repeats: int) -> dict[str, np.ndarray]:
     train(cfg, root / "run")
     ckpt_steps = Checkpointer(root / "run" / "checkpoints").steps()
     n = len(ckpt_steps)
@@ -74,7 +79,7 @@ def main() -> None:
     # one evaluation forward pass (jitted, compiled first) on the same N sequences
     model = models.build(cfg.model)
     ev = data.build(cfg.data, cfg.run.seed).eval_set()
-    tokens = jnp.asarray(ev["inputs"][: args.eval_sequences])
+    tokens = jnp.asarray(ev["inputs"][:eval_sequences])
     params = model.init(jax.random.PRNGKey(0), tokens)
     fwd = jax.jit(lambda p, t: model.apply(p, t)[0])
     jax.block_until_ready(fwd(params, tokens))
@@ -90,18 +95,18 @@ def main() -> None:
             shutil.rmtree(d / "checkpoints" / str(s))
         return d
 
-    print(f"tiny model, {args.eval_sequences} eval sequences x {cfg.data.seq_len} tokens, {n} checkpoints {ckpt_steps}; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(f"tiny model, {eval_sequences} eval sequences x {cfg.data.seq_len} tokens, {n} checkpoints {ckpt_steps}; "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
     print("| analysis | all checkpoints (s) | first 2 (s) | marginal per checkpoint, wall (s) | CPU (s) "
           "| one forward pass, wall / CPU (ms) | x forward pass, wall | CPU |")
     print("|---|---|---|---|---|---|---|---|")
     per_ckpt = {}
     for name in chosen:
         probes, cett_p = variants()[name]
-        kw = dict(probes=probes, eval_sequences=args.eval_sequences, cett_p=cett_p, progress=False)
+        kw = dict(probes=probes, eval_sequences=eval_sequences, cett_p=cett_p, progress=False)
         analyze_run(copy(name, 1), **kw)  # compiles: untimed
         rows = []
-        for r in range(args.repeats):
+        for r in range(repeats):
             fwd_wall, fwd_cpu = forward_s()
             (all_w, all_c), (two_w, two_c) = (timed(analyze_run, copy(f"{name}_{r}", keep), **kw) for keep in (n, 2))
             wall, cpu = (all_w - two_w) / (n - 2), (all_c - two_c) / (n - 2)
@@ -110,13 +115,28 @@ def main() -> None:
         per_ckpt[name] = np.array(rows)
         print(f"| {name} | {all_w:.2f} | {two_w:.2f} | {wall:.3f} | {cpu:.3f} | {fwd_wall * 1e3:.1f} / {fwd_cpu * 1e3:.1f} "
               f"| {x_wall:,.1f} | {x_cpu:,.1f} |", flush=True)
+    print()
     for base in ("all", "sparsity"):
         if base in per_ckpt and f"{base}-no-cett" in per_ckpt:
             d = per_ckpt[base] - per_ckpt[f"{base}-no-cett"]  # repeat r of one minus repeat r of the other
             w, c, xw, xc = np.median(d[:, [2, 3, 6, 7]], axis=0)
             print(f"CETT-PPL search ({base} - {base}-no-cett, median over repeats): {w:.3f} s wall, {c:.3f} s CPU "
-                  f"per checkpoint = {xw:.1f} / {xc:.1f} forward passes")
-    shutil.rmtree(root, ignore_errors=True)
+                  f"per checkpoint = {xw:.1f} / {xc:.1f} forward passes\n")
+    return per_ckpt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval-sequences", type=int, default=16)
+    ap.add_argument("--checkpoints", type=int, default=9, help="log-spaced: 0, 1, 2, 4, ... (at least 3)")
+    ap.add_argument("--variants", default=",".join(variants()), help="comma-separated, from: %(default)s")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    chosen = args.variants.split(",")
+    unknown = [v for v in chosen if v not in variants()]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; valid: {', '.join(variants())}")
+    measure(args.eval_sequences, args.checkpoints, chosen, args.repeats)
 
 
 if __name__ == "__main__":

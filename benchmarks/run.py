@@ -1,13 +1,15 @@
 """seismo benchmarks: seismo against an independent baseline, framework overhead, probe overhead,
 and the layer-stacking choice.
 
-    python benchmarks/run.py [all|throughput|overhead|probes|layers|fetch] [--presets tiny,proxy]
+    python benchmarks/run.py [all|throughput|overhead|probes|layers|fetch|analysis] [--presets tiny,proxy]
                              [--set model.scan_layers=false ...] [--steps N] [--repeats R] [--json out.json]
 
 `all` runs throughput, overhead and probes as one measurement (every variant interleaved in the
-same rounds, so all the ratios come from one run) and ends with the goals table: seismo's
-plain step and loop against the independent baseline, probes every step and every 10 steps
-against the plain loop. `layers` times seismo's step scanned and unrolled at several depths
+same rounds, so all the ratios come from one run), then the checkpoint analysis's cost
+(`analysis`: benchmarks/analysis.py's "all" and "all-no-cett" on tiny, in eval-forward
+equivalents per checkpoint), and ends with the goals table: seismo's plain step and loop against
+the independent baseline, probes every step and every 10 steps against the plain loop, and the
+analysis's cost per checkpoint. `layers` times seismo's step scanned and unrolled at several depths
 (compile time and step time; the measurement behind `model.scan_layers: auto`); `fetch` is a
 diagnostic of the per-step metrics fetch.
 
@@ -78,6 +80,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import analysis as analysis_bench  # noqa: E402  (benchmarks/analysis.py: checkpoint-analysis cost)
 from seismo import config as config_lib  # noqa: E402
 from seismo import models  # noqa: E402
 from seismo.train import aot  # noqa: E402
@@ -692,8 +695,9 @@ def report(suite: str, bench: Bench, times: dict[str, list[float]], micro: dict[
     return "".join(lines)
 
 
-def goals_report(measured: dict[str, dict[str, list[float]]]) -> str:
-    """One line per preset and goal: the paired ratio (wall and CPU) and whether its median meets it."""
+def goals_report(measured: dict[str, dict[str, list[float]]], analysis: dict[str, np.ndarray] | None = None) -> str:
+    """One line per preset and goal: the paired ratio (wall and CPU) and whether its median meets
+    it; then the checkpoint analysis's cost in eval-forward equivalents (median over repeats)."""
     lines = ["| preset | ratio | goal | wall: median (95% CI) | CPU: median (95% CI) | met (median wall, CPU) |\n"
              "|---|---|---|---|---|---|\n"]
     for name, times in measured.items():
@@ -709,12 +713,17 @@ def goals_report(measured: dict[str, dict[str, list[float]]]) -> str:
                 meds.append(float(np.median(x)))
             met = " / ".join("yes" if m <= goal else "no" for m in meds)
             lines.append(f"| {name} | {v} / {against} | <= {goal} | {cells[0]} | {cells[1]} | {met} |\n")
+    if analysis and "all" in analysis:
+        x_wall, x_cpu = np.median(analysis["all"][:, 6]), np.median(analysis["all"][:, 7])
+        met = " / ".join("yes" if x <= analysis_bench.GOAL else "no" for x in (x_wall, x_cpu))
+        lines.append(f"| tiny | analysis per checkpoint / one eval forward pass | <= {analysis_bench.GOAL:g} "
+                     f"| {x_wall:.1f} | {x_cpu:.1f} | {met} |\n")
     return "".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "layers", "all"])
+    ap.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "layers", "analysis", "all"])
     ap.add_argument("--steps", type=int, help="steps per timed round (default: 10; layers: tiny 5, proxy 2); "
                     "rounded up to a multiple of 10 where loop/p10 runs")
     ap.add_argument("--repeats", type=int,
@@ -739,6 +748,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": info, "args": vars(args) | {"json": str(args.json)}, "presets": {}}
     warnings.simplefilter("ignore")  # library warnings; the logit-trend warning goes to the run log (and stderr)
     print()
+    if args.suite == "analysis":  # benchmarks/analysis.py's "all" and "all-no-cett", as `all` ends
+        print("## checkpoint analysis (tiny)\n")
+        rows = analysis_bench.measure(chosen=["all", "all-no-cett"], repeats=args.repeats or 3)
+        results["analysis"] = {k: v.tolist() for k, v in rows.items()}
+        print(goals_report({}, rows))
+        _finish(info, t_start, args, results)
+        return 0
     if args.suite == "layers":
         depths = [int(x) for x in args.layers.split(",")]
         for preset in load_presets(args.presets.split(","), args.overrides):
@@ -783,8 +799,13 @@ def main(argv: list[str] | None = None) -> int:
             bench.run.ckpt.close()  # the run record's checkpoint manager (nothing was saved)
             del bench
     if args.suite == "all":
+        analysis = None
+        if any(p.kind == "tiny" for p in load_presets(args.presets.split(","), args.overrides)):
+            print("## checkpoint analysis (tiny; benchmarks/analysis.py, variants all and all-no-cett)\n", flush=True)
+            analysis = analysis_bench.measure(chosen=["all", "all-no-cett"], repeats=3)
+            results["analysis"] = {k: v.tolist() for k, v in analysis.items()}
         print("## goals (issue 10): paired ratios of this run\n")
-        print(goals_report(measured))
+        print(goals_report(measured, analysis))
     _finish(info, t_start, args, results)
     return 0
 
