@@ -3,7 +3,9 @@ Sparsing-Law fits (seismo.instrument.sparsing_law) on planted curves.
 
 tests/instrument/data/massive_ratio_tiny.json: ratio_seq_mean (64 evaluation sequences) per layer
 of four tiny runs, 41 checkpoints over 800 steps, step 0 and 40 log-spaced from 1 to 800
-(scripts/make_instrument_test_data.py massive; data/README.md)."""
+(scripts/make_instrument_test_data.py massive; data/README.md). massive_ratio_tiny_high_lr.json:
+the same model and schedule with qk-layernorm at LR 1e-2 to 0.3, where the ratio grows well past
+its value at initialisation (docs/methods.md §4.2)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from seismo.instrument import sparsing_law as sl
 DATA = Path(__file__).parent / "data"
 
 
-def layers():
-    runs = json.loads((DATA / "massive_ratio_tiny.json").read_text())["runs"]
+def layers(file="massive_ratio_tiny.json"):
+    runs = json.loads((DATA / file).read_text())["runs"]
     return {f"{run}/{layer}": np.array(pts, float) for run, ls in runs.items() for layer, pts in ls.items()}
 
 
@@ -59,6 +61,31 @@ def test_multistart_on_real_tiny_runs_is_never_worse_and_reports_r2_honestly():
     # the paper's start alone 0 of 8 (best 0.908; one raises maxfev)
     assert sum(r >= 0.93 for r in multi.values()) >= 5 and sum(r >= 0.93 for r in single.values()) == 0
     assert sum(r >= 0.89 for r in multi.values()) >= 6 and min(multi.values()) > 0.6
+
+
+@pytest.mark.slow  # 8 fits, about 35 s of a 2-core CPU shared with other jobs
+def test_multistart_meets_the_goal_where_the_ratio_grows_past_its_initial_value():
+    # qk-layernorm, LR 1e-2 ... 0.3: the runs of the demo's grid that train stably at high LR
+    series = layers("massive_ratio_tiny_high_lr.json")
+    old = layers()
+    assert len(series) == 8 and all(len(a) == 41 for a in series.values())
+    assert all(np.array_equal(a[:, 0], old["lr=1e-2/0"][:, 0]) for a in series.values())  # the same 41 steps
+    # the premise: every series ends far above its step-0 value (at least 1.4x; the ranges are 5-140),
+    # unlike layer 0 of the old data's two low LRs, which settle back near it (docs/methods.md §4.2)
+    assert all(a[-1, 1] > 1.4 * a[0, 1] for a in series.values())
+    assert sum(a[-1, 1] > 1.4 * a[0, 1] for a in old.values()) <= 6
+    r2 = {}
+    for name, a in series.items():
+        t, y = a[:, 0], a[:, 1]
+        fit = dyn.fit_massive_dynamics(t, y)
+        resid = y - dyn.massive_dynamics(t, **fit.params)
+        assert fit.r2 == pytest.approx(1 - np.sum(resid**2) / np.sum((y - y.mean()) ** 2), abs=1e-9), name
+        assert ("poor_fit" in fit.flags) == (fit.r2 < dyn.POOR_R2) and "failed" not in fit.flags, name
+        r2[name] = fit.r2
+    # measured (lr=0.1/0, /1, 0.3/0, /1, 1e-2/0, /1, 3e-2/0, /1): 0.961, 0.971, 0.983, 0.995, 0.958,
+    # 0.977, 0.968, 0.983: 0.93 on 8 of 8. Flagged: lr=0.1 both layers not_converged (the grid's best,
+    # no TRF refinement converged within maxfev), lr=0.3/1 ill_conditioned; 5 of 8 are unflagged.
+    assert sum(r >= 0.93 for r in r2.values()) >= 7 and min(r2.values()) > 0.9, r2
 
 
 def test_multistart_escapes_the_local_optimum_of_the_paper_start():
