@@ -721,6 +721,15 @@ def goals_report(measured: dict[str, dict[str, list[float]]], analysis: dict[str
     return "".join(lines)
 
 
+def analysis_suite(results: dict[str, Any], repeats: int) -> dict[str, np.ndarray]:
+    """benchmarks/analysis.py's "all" and "all-no-cett" on tiny: its table printed, its raw rows
+    kept in `results`, and returned for the goals table."""
+    print("## checkpoint analysis (tiny; benchmarks/analysis.py, variants all and all-no-cett)\n", flush=True)
+    rows = analysis_bench.measure(chosen=["all", "all-no-cett"], repeats=repeats)
+    results["analysis"] = {k: v.tolist() for k, v in rows.items()}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "layers", "analysis", "all"])
@@ -748,11 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": info, "args": vars(args) | {"json": str(args.json)}, "presets": {}}
     warnings.simplefilter("ignore")  # library warnings; the logit-trend warning goes to the run log (and stderr)
     print()
-    if args.suite == "analysis":  # benchmarks/analysis.py's "all" and "all-no-cett", as `all` ends
-        print("## checkpoint analysis (tiny)\n")
-        rows = analysis_bench.measure(chosen=["all", "all-no-cett"], repeats=args.repeats or 3)
-        results["analysis"] = {k: v.tolist() for k, v in rows.items()}
-        print(goals_report({}, rows))
+    if args.suite == "analysis":
+        print(goals_report({}, analysis_suite(results, args.repeats or 3)))
         _finish(info, t_start, args, results)
         return 0
     if args.suite == "layers":
@@ -769,8 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [v for v in VARIANTS if any(v in SUITES[s] for s in suites)]
     warmup = max(args.warmup, 2)  # two steps: a probe-cadence variant meets both compiled functions
     measured: dict[str, dict[str, list[float]]] = {}
+    kinds: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="seismo-bench-") as tmp:
         for preset in load_presets(args.presets.split(","), args.overrides):
+            kinds.add(preset.kind)
             plan = PLANS[preset.kind]
             variants = [v for v in wanted if v not in plan.skip]
             steps = args.steps or plan.steps
@@ -799,11 +807,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.run.ckpt.close()  # the run record's checkpoint manager (nothing was saved)
             del bench
     if args.suite == "all":
-        analysis = None
-        if any(p.kind == "tiny" for p in load_presets(args.presets.split(","), args.overrides)):
-            print("## checkpoint analysis (tiny; benchmarks/analysis.py, variants all and all-no-cett)\n", flush=True)
-            analysis = analysis_bench.measure(chosen=["all", "all-no-cett"], repeats=3)
-            results["analysis"] = {k: v.tolist() for k, v in analysis.items()}
+        analysis = analysis_suite(results, 3) if "tiny" in kinds else None
         print("## goals (issue 10): paired ratios of this run\n")
         print(goals_report(measured, analysis))
     _finish(info, t_start, args, results)
